@@ -1,0 +1,99 @@
+"""Batched image augmentation on tensors, with independent random parameters for every image.
+
+torchvision's v2 transforms draw one set of parameters per call, so applied to a batch they crop,
+flip and rotate every image the same way; applied per image they cost a Python call per image. Here
+each operation is a handful of tensor ops over the whole batch on its own device: crop-with-padding,
+flip and rotation are one affine ``grid_sample``, random erasing is one masked fill.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BatchAugment(nn.Module):
+    """Train-time augmentation of a float batch ``(B, C, H, W)`` in ``[0, 1]``.
+
+    Every image gets its own shift, flip, angle and erasing box. Pixels that move in from outside
+    the image are 0 (black), as with torchvision's ``RandomCrop(padding=...)``.
+
+    Args:
+        crop_padding: Random crop after zero-padding by this many pixels, i.e. a random integer
+            shift of up to ``crop_padding`` pixels in each direction (0 disables it).
+        hflip_prob: Probability of a horizontal flip (0 disables it).
+        rotation_degrees: Rotate by an angle drawn uniformly from ``[-d, d]`` degrees (0 disables it).
+        erasing_prob: Probability of random erasing (a box of 2-33% of the area, aspect ratio 0.3-3.3,
+            set to 0), as torchvision's ``RandomErasing`` defaults (0 disables it).
+    """
+
+    def __init__(
+        self,
+        crop_padding: int = 2,
+        hflip_prob: float = 0.5,
+        rotation_degrees: float = 0.0,
+        erasing_prob: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.crop_padding = crop_padding
+        self.hflip_prob = hflip_prob
+        self.rotation_degrees = rotation_degrees
+        self.erasing_prob = erasing_prob
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any operation is switched on."""
+        return bool(self.crop_padding or self.hflip_prob or self.rotation_degrees or self.erasing_prob)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Augment ``images`` (B, C, H, W); returns a new tensor of the same shape and dtype."""
+        if self.crop_padding or self.hflip_prob or self.rotation_degrees:
+            images = self._affine(images)
+        if self.erasing_prob:
+            images = self._erase(images)
+        return images
+
+    def _affine(self, images: Tensor) -> Tensor:
+        b, _, h, w = images.shape
+        dev = images.device
+        angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(self.rotation_degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # x-scale -1 mirrors the sampling grid, i.e. flips the image horizontally.
+        flip = torch.where(torch.rand(b, device=dev) < self.hflip_prob, -1.0, 1.0)
+        # Integer shifts in pixels, converted to grid_sample's [-1, 1] units (2 / size per pixel).
+        p = self.crop_padding
+        shift = torch.randint(-p, p + 1, (b, 2), device=dev).float()
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip, -sin, shift[:, 0] * 2 / w], dim=1),
+                torch.stack([sin * flip, cos, shift[:, 1] * 2 / h], dim=1),
+            ],
+            dim=1,
+        )  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        # Integer shifts and flips land exactly on pixel centres: nearest is exact and cheaper.
+        mode = "bilinear" if self.rotation_degrees else "nearest"
+        return F.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+
+    def _erase(self, images: Tensor) -> Tensor:
+        b, _, h, w = images.shape
+        dev = images.device
+        area = torch.empty(b, device=dev).uniform_(0.02, 0.33) * h * w
+        log_ratio = torch.empty(b, device=dev).uniform_(math.log(0.3), math.log(3.3))
+        ratio = torch.exp(log_ratio)
+        eh = torch.sqrt(area * ratio).round().clamp(1, h)
+        ew = torch.sqrt(area / ratio).round().clamp(1, w)
+        top = (torch.rand(b, device=dev) * (h - eh + 1)).floor()
+        left = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
+        apply = torch.rand(b, device=dev) < self.erasing_prob
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        box = (
+            (rows >= top.view(b, 1, 1))
+            & (rows < (top + eh).view(b, 1, 1))
+            & (cols >= left.view(b, 1, 1))
+            & (cols < (left + ew).view(b, 1, 1))
+            & apply.view(b, 1, 1)
+        )  # (B, H, W)
+        return images.masked_fill(box.unsqueeze(1), 0.0)

@@ -1,0 +1,141 @@
+"""The command line: ``python -m fmnist_lightning {fit,validate,test,predict} --config FILE``.
+
+A LightningCLI over :class:`ClassificationTask` and :class:`FashionMNISTDataModule`, with the
+project's default callbacks (checkpoint on ``val/acc``, early stopping on ``val/loss``, LR monitor,
+prediction CSV writer) and ``--ckpt_path best|last`` resolved to the latest run of the configured
+logger, whose directory then also receives the test/validate/predict logs.
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from fmnist_lightning.callbacks import PredictionCSVWriter
+from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.errors import ConfigError, FashionMNISTError
+from fmnist_lightning.task import ClassificationTask
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save ``config.yaml`` for ``fit``; ``config_<stage>.yaml`` for later stages in the same run.
+
+    ``fit`` refuses to overwrite an existing ``config.yaml`` (each fit gets a new version folder);
+    a later ``test`` of that run writes its own file beside it and leaves the fit's config alone.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Pick the file name by stage, then save as Lightning does."""
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
+        if stage != "fit":
+            self.config_filename, self.overwrite = f"config_{stage}.yaml", True
+        super().setup(trainer, pl_module, stage)
+
+
+def find_run_checkpoint(run_root: Path, which: str) -> tuple[Path, int]:
+    """Resolve ``best`` or ``last`` to a checkpoint of the latest run under ``run_root``.
+
+    Args:
+        run_root: ``<save_dir>/<name>`` of a TensorBoard logger, holding ``version_N`` folders.
+        which: ``best`` (the checkpoint ModelCheckpoint recorded as best) or ``last``.
+
+    Returns:
+        The checkpoint path and the run's version number.
+
+    Raises:
+        ConfigError: If no run with a ``last.ckpt`` exists there.
+    """
+    runs = sorted(
+        (int(d.name.removeprefix("version_")), d)
+        for d in run_root.glob("version_*")
+        if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
+    )
+    if not runs:
+        raise ConfigError(
+            f"--ckpt_path {which}: no finished run with checkpoints/last.ckpt under {run_root}. Run `fit` with "
+            "the same config first, or give the checkpoint's path."
+        )
+    version, run = runs[-1]
+    last = run / "checkpoints" / "last.ckpt"
+    if which == "last":
+        return last, version
+    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    for key, value in state.items():
+        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            best = Path(value["best_model_path"])
+            # The run folder may have moved since: look for the file beside last.ckpt too.
+            for candidate in (best, last.parent / best.name):
+                if candidate.is_file():
+                    return candidate, version
+    raise ConfigError(f"--ckpt_path best: {last} records no best checkpoint that still exists; use its path.")
+
+
+class FashionMNISTCLI(LightningCLI):
+    """LightningCLI with the project's callbacks, logger and checkpoint resolution."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add the default callbacks as configurable groups (``--checkpoint.*``, ``--early_stopping.*``)."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then turn ``--ckpt_path best|last`` of validate/test/predict into a file of the latest run."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub not in ("validate", "test", "predict"):
+            return
+        cfg = self.config[sub]
+        if cfg.get("ckpt_path") not in ("best", "last"):
+            return
+        logger = cfg.trainer.get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is None or "save_dir" not in init:
+            raise ConfigError("--ckpt_path best|last needs a TensorBoardLogger in the config to find the run.")
+        path, version = find_run_checkpoint(Path(init.save_dir) / (init.get("name") or ""), cfg.ckpt_path)
+        cfg.ckpt_path = str(path)
+        if init.get("version") is None:
+            init.version = version  # log this stage into the run it evaluates
+
+
+def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
+
+    Bad input (missing or corrupt data, impossible values) ends with one line on stderr and exit
+    status 1; bad or unknown config keys end with jsonargparse's message and exit status 2.
+    """
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs on GPUs that have them
+    try:
+        return FashionMNISTCLI(
+            ClassificationTask,
+            FashionMNISTDataModule,
+            save_config_callback=RunConfigSaver,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs", "name": "default"},
+                },
+            },
+            seed_everything_default=42,
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except FashionMNISTError as err:
+        sys.exit(f"fmnist_lightning: error: {err}")

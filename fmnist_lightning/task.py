@@ -1,0 +1,151 @@
+"""``ClassificationTask``: the one LightningModule, wrapping any ``nn.Module`` that returns logits."""
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+OptimizerFactory = Callable[[Iterable], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler | ReduceLROnPlateau]
+# Schedulers whose step() is meant to run after every batch rather than every epoch.
+_PER_STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
+
+
+def _needs_total_steps(factory: Callable) -> bool:
+    """Whether a scheduler factory (e.g. for OneCycleLR) still lacks its number of steps."""
+    keywords = getattr(factory, "keywords", None) or {}
+    if "total_steps" in keywords:  # jsonargparse's partial lists every argument of the class
+        return keywords["total_steps"] is None and keywords.get("epochs") is None
+    try:
+        return "total_steps" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ClassificationTask(LightningModule):
+    """Train, validate, test and predict with any classifier ``model`` (images -> logits).
+
+    Args:
+        model: The network; ``forward`` maps ``(B, C, H, W)`` to logits ``(B, num_classes)``.
+        optimizer: Builds the optimizer from the parameters (from the CLI: ``class_path`` plus
+            ``init_args``, e.g. ``torch.optim.AdamW`` with ``lr``). Default: Adam with its default lr 1e-3.
+        lr_scheduler: Builds the LR scheduler from the optimizer, or None for a constant LR.
+            ReduceLROnPlateau watches ``val/loss``; OneCycleLR and CyclicLR step every batch, with
+            OneCycleLR's ``total_steps`` filled in from the trainer when not given; others step
+            every epoch.
+        num_classes: Number of classes, for the metrics.
+        label_smoothing: Label smoothing of the cross-entropy loss, in [0, 1).
+        tta_flip: At validation, test and predict time, average the softmax of each image and its
+            horizontal mirror (test-time augmentation).
+        channels_last: Run the network in channels-last memory format (NHWC), which oneDNN and
+            cuDNN convolutions prefer: 35% faster TinyVGG training on a 2-core CPU (README).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        tta_flip: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        # From the CLI, the hyper-parameters are the config (class paths and init args), so
+        # load_from_checkpoint rebuilds the network alone. Objects handed over in Python cannot be
+        # stored that way and are dropped; pass model=... to load_from_checkpoint then.
+        self.save_hyperparameters()
+        objects = [k for k in ("model", "optimizer", "lr_scheduler") if callable(self.hparams.get(k))]
+        self.remove_ignored_hparams(objects)
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.channels_last = channels_last
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.tta_flip = tta_flip
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # validate_args=False: the argument checks call .item() and would sync the host every step.
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of the network for images ``(B, C, H, W)``."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Class probabilities ``(B, num_classes)``, averaged over the mirror image if ``tta_flip``."""
+        probs = self(x).float().softmax(dim=1)
+        if self.tta_flip:
+            probs = (probs + self(x.flip(-1)).float().softmax(dim=1)) / 2
+        return probs
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        if stage == "train" or not self.tta_flip:
+            logits = self(x)
+            loss = self.loss_fn(logits, y)
+        else:
+            # Loss of the averaged probabilities (its log), which is what TTA predicts with.
+            logits = self.predict_proba(x).clamp_min(1e-12).log()
+            loss = nn.functional.nll_loss(logits, y)
+        return loss, logits, y
+
+    def _log_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+        loss, logits, y = self._shared_step(batch, stage)
+        metrics.update(logits, y)
+        # Epoch-level only: Lightning accumulates on the device, so no host sync per step.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step's loss."""
+        return self._log_step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulate validation loss, accuracy and macro-F1."""
+        self._log_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulate test loss, accuracy and macro-F1."""
+        self._log_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Probabilities, predicted class and (where known) the true label of each image."""
+        x, y = batch
+        probs = self.predict_proba(x)
+        return {"probs": probs, "preds": probs.argmax(dim=1), "labels": y}
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer, and the scheduler with the interval and monitor it needs."""
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if _needs_total_steps(self.scheduler_factory):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        elif isinstance(scheduler, _PER_STEP_SCHEDULERS):
+            config["interval"] = "step"
+        return {"optimizer": optimizer, "lr_scheduler": config}
