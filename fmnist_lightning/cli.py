@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from fmnist_lightning.callbacks import PredictionCSVWriter
+from fmnist_lightning.callbacks import EpochTimer, PredictionCSVWriter
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import ConfigError, FashionMNISTError
 from fmnist_lightning.task import ClassificationTask
@@ -94,6 +94,7 @@ class FashionMNISTCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+        parser.add_lightning_class_args(EpochTimer, "epoch_timer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then turn ``--ckpt_path best|last`` of validate/test/predict into a file of the latest run."""

@@ -29,7 +29,7 @@ def test_fit_test_predict_and_reload(tmp_path, data_dir, monkeypatch):
     assert "last.ckpt" in ckpts
     assert any(name.startswith("best-") for name in ckpts)
     assert (run / "config.yaml").is_file()
-    assert {"val/acc", "val/f1", "val/loss", "train/loss", "train/acc"} <= scalar_tags(run)
+    assert {"val/acc", "val/f1", "val/loss", "train/loss", "train/acc", "time/train_epoch_s"} <= scalar_tags(run)
     assert cli.datamodule.test_set is None  # fit never loaded the test images
 
     # test --ckpt_path best finds the run's best checkpoint and logs into the same run folder.
@@ -70,7 +70,8 @@ def test_bf16_mixed_precision_fits(tmp_path, data_dir, monkeypatch):
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_parses_and_runs(tmp_path, data_dir, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(config), *fast_fit_args(data_dir, tmp_path)])
+    small_batches = ["--data.batch_size=16", "--data.eval_batch_size=32"]
+    cli = main(["fit", "--config", str(config), *fast_fit_args(data_dir, tmp_path, *small_batches)])
     assert 0 <= cli.trainer.callback_metrics["val/acc"] <= 1
 
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh Debian/Ubuntu machine with Python 3.10+, then do one job:
+#   bash run.sh train   fit TinyVGG (configs/tinyvgg.yaml), then test its best checkpoint
+#   bash run.sh test    run the test suite
+#   bash run.sh setup   only install (dataset, virtual environment, package)
+# Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (the torch/torchvision
+# requirement installed first; default the CPU/GPU wheels this project is tested with).
+set -euo pipefail
+cd "$(dirname "$0")"
+job=${1:-}
+case "$job" in train|test|setup) ;; *) echo "usage: bash run.sh train|test|setup" >&2; exit 2 ;; esac
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+SYSTEM_DATA=/usr/share/datasets/fashion-mnist
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+# 1. The dataset: Debian's package, unless a copy is already there (torchvision downloads otherwise).
+if [ ! -f "$SYSTEM_DATA/train-images-idx3-ubyte.gz" ] && [ ! -d data/FashionMNIST/raw ]; then
+  if command -v apt-get >/dev/null && as_root true 2>/dev/null; then
+    as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist \
+      || echo "run.sh: could not install dataset-fashion-mnist; torchvision will try to download the data" >&2
+  else
+    echo "run.sh: no apt-get/root: torchvision will try to download the data" >&2
+  fi
+fi
+
+# 2. A virtual environment with the package and its test tools.
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+# shellcheck disable=SC2086
+"$PY" -m pip install -q $TORCH_SPEC
+"$PY" -m pip install -q -e ".[test]"
+
+# 3. The job.
+case "$job" in
+  train)
+    "$PY" -m fmnist_lightning fit --config configs/tinyvgg.yaml
+    "$PY" -m fmnist_lightning test --config configs/tinyvgg.yaml --ckpt_path best
+    ;;
+  test)
+    "$PY" -m pytest -q
+    ;;
+esac
