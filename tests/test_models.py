@@ -1,9 +1,22 @@
+import re
+
 import pytest
 import torch
 
-from fmnist_lightning import models
+from fmnist_lightning import ConfigError, models
 
 ALL_MODELS = [getattr(models, name) for name in models.__all__]
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def documented_params(model_cls: type) -> int:
+    """The first 'N parameters' figure in the class docstring (what the README's table shows)."""
+    match = re.search(r"([\d,]+) parameters", model_cls.__doc__ or "")
+    assert match, f"{model_cls.__name__} documents no parameter count"
+    return int(match.group(1).replace(",", ""))
 
 
 @pytest.mark.parametrize("model_cls", ALL_MODELS, ids=models.__all__)
@@ -23,8 +36,13 @@ def test_constructor_shape(model_cls):
     assert model(torch.randn(2, 3, 28, 28)).shape == (2, 7)
 
 
-def test_linear_parameter_count():
-    assert sum(p.numel() for p in models.LinearClassifier().parameters()) == 784 * 10 + 10
+@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=models.__all__)
+def test_parameter_count_is_the_documented_one(model_cls):
+    assert n_params(model_cls()) == documented_params(model_cls)
+
+
+def test_lightweight_cnn_has_exactly_study_004s_parameters():
+    assert n_params(models.LightweightCNN()) == 20_490
 
 
 def test_tinyvgg_variants_are_arguments():
@@ -34,5 +52,54 @@ def test_tinyvgg_variants_are_arguments():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in no_bn.modules())
     convs = [m for m in default.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
-    wide = models.TinyVGG(widths=(64, 128, 256), hidden=256, batch_norm=False)
-    assert wide(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    wide = models.TinyVGG(widths=(64, 128, 256), hidden=256, batch_norm=False, dropout=0.0)
+    assert n_params(wide) == 1_736_906  # study 002's 64-64/128-128/256-256 + FC 256
+
+
+def test_fashion_cnn_dropout_switch_and_fc_size():
+    cnn = models.FashionCNN()
+    fc1 = next(m for m in cnn.modules() if isinstance(m, torch.nn.Linear))
+    assert (fc1.in_features, fc1.out_features) == (6272, 256)
+    assert [m.p for m in cnn.modules() if isinstance(m, torch.nn.Dropout)] == [0.25]
+    x = torch.randn(8, 1, 28, 28)
+    with_dropout, no_dropout = cnn.train(), models.FashionCNN(dropout=0.0).train()
+    assert not torch.equal(with_dropout(x), with_dropout(x))
+    assert torch.equal(no_dropout(x), no_dropout(x))  # BN in train mode is deterministic
+
+
+def test_convnet_rejects_mismatched_layer_lists():
+    with pytest.raises(ValueError, match="one entry per layer"):
+        models.ConvNet(widths=(8, 16), kernel_sizes=(3,), pools=(True, True))
+
+
+def test_resnet_se_switch():
+    assert n_params(models.ResNet(se_reduction=0)) < n_params(models.ResNet())
+    assert not any(isinstance(m, models.resnet.SqueezeExcitation) for m in models.ResNet(se_reduction=0).modules())
+
+
+def test_transfer_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        models.ResNet18Transfer(weights_path=str(tmp_path / "resnet18.pth"))
+
+
+def test_transfer_corrupt_weights_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "resnet18.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable"):
+        models.ResNet18Transfer(weights_path=str(bad))
+
+
+def test_transfer_loads_a_local_state_dict_into_the_adapted_stem(tmp_path):
+    from torchvision.models import resnet18
+
+    source = resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = models.ResNet18Transfer(weights_path=str(path))
+    assert torch.allclose(model.net.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.net.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_transfer_unknown_weights_name_is_a_clear_error():
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        models.ResNet18Transfer(weights="IMAGENET_BEST")

@@ -37,6 +37,9 @@ def conv_block(in_channels: int, out_channels: int, convs: int, batch_norm: bool
 class TinyVGG(nn.Module):
     """VGG-style network for 28x28 images: one conv-conv-pool block per entry of ``widths``.
 
+    With the defaults (study 000's 32-64-128 with BN): 298,410 parameters. Study 002's wide variant,
+    ``TinyVGG(widths=(64, 128, 256), batch_norm=False, hidden=256, dropout=0)``, has 1,736,906.
+
     Args:
         num_classes: Number of output classes.
         in_channels: Number of input image channels.
