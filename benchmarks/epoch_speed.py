@@ -1,0 +1,230 @@
+"""Epoch speed, side by side: compute bound vs this package vs the usual PyTorch pipeline.
+
+For each model and precision, three measurements on the same machine, model, batch size and
+augmentation (random crop with padding 2, horizontal flip, rotation up to 10 degrees, normalise):
+
+1. ``bound``: forward + backward + optimizer step on one in-memory synthetic batch in a bare loop,
+   channels-last (the best this hardware gives for the model and precision); per-epoch time is
+   the training images divided by its throughput, plus the validation pass at the same rate of
+   inference.
+2. ``package``: ``Trainer.fit`` for one epoch (train + validation) with the package's default data
+   path, its wall time measured around ``fit`` (data loading and setup included).
+3. ``usual``: torchvision's ``FashionMNIST`` with per-image PIL transforms through a
+   ``DataLoader`` and a plain PyTorch loop (train + validation), NCHW as such code is written.
+
+Each measurement runs in its own process, which reports its peak resident memory.
+
+Usage:
+    python benchmarks/epoch_speed.py --models TinyVGG FashionCNN --precisions 32-true bf16-mixed
+    python benchmarks/epoch_speed.py --models TinyVGG --limit-batches 20   # a quick look
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BATCH_SIZE, EVAL_BATCH_SIZE, PADDING, ROTATION = 128, 256, 2, 10.0
+VAL_SPLIT, SEED = 5000, 42
+
+
+def build_model(name: str) -> torch.nn.Module:
+    from fmnist_lightning import models
+
+    return getattr(models, name)()
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
+    torch.manual_seed(SEED)
+    model = build_model(model_name).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(BATCH_SIZE, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH_SIZE,))
+    steps = limit or 60
+
+    def step() -> None:
+        with autocast(precision):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    train_ips = steps * BATCH_SIZE / (time.perf_counter() - start)
+    model.eval()
+    xe = torch.randn(EVAL_BATCH_SIZE, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(precision):
+        model(xe)
+        start = time.perf_counter()
+        for _ in range(max(steps // 4, 3)):
+            model(xe)
+        eval_ips = max(steps // 4, 3) * EVAL_BATCH_SIZE / (time.perf_counter() - start)
+    # The images one epoch (or its --limit-batches slice) trains and validates on.
+    n_train = limit * BATCH_SIZE if limit else 60_000 - VAL_SPLIT
+    n_val = min(limit * EVAL_BATCH_SIZE, VAL_SPLIT) if limit else VAL_SPLIT
+    epoch_s = n_train / train_ips + n_val / eval_ips
+    return {"train_img_s": train_ips, "epoch_s": epoch_s}
+
+
+def run_package(model_name: str, precision: str, limit: int | None, data_dir: str) -> dict:
+    from lightning.pytorch import Trainer, seed_everything
+
+    from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
+    from fmnist_lightning.callbacks import EpochTimer
+
+    seed_everything(SEED)
+    dm = FashionMNISTDataModule(
+        data_dir=data_dir,
+        val_split=VAL_SPLIT,
+        batch_size=BATCH_SIZE,
+        eval_batch_size=EVAL_BATCH_SIZE,
+        crop_padding=PADDING,
+        hflip_prob=0.5,
+        rotation_degrees=ROTATION,
+    )
+    task = ClassificationTask(build_model(model_name), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = Trainer(
+        max_epochs=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=limit,
+        limit_val_batches=limit,
+        callbacks=[EpochTimer()],
+    )
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=dm)
+    epoch_s = time.perf_counter() - start
+    n_train = (limit or len(dm.train_dataloader())) * BATCH_SIZE
+    return {"train_img_s": n_train / float(trainer.callback_metrics["time/train_epoch_s"]), "epoch_s": epoch_s}
+
+
+def run_usual(model_name: str, precision: str, limit: int | None, data_dir: str, workers: int) -> dict:
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+    from torchvision.datasets import FashionMNIST
+
+    from fmnist_lightning.data import DATASET_MEAN, DATASET_STD, FashionMNISTDataModule, load_fashion_mnist
+
+    torch.manual_seed(SEED)
+    load_fashion_mnist(data_dir, download=False)  # the same files, staged for torchvision
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomCrop(28, padding=PADDING),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomRotation(ROTATION),
+            transforms.ToTensor(),
+            transforms.Normalize((DATASET_MEAN,), (DATASET_STD,)),
+        ]
+    )
+    eval_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((DATASET_MEAN,), (DATASET_STD,))])
+    full_train = FashionMNIST(data_dir, train=True, transform=train_tf)
+    full_eval = FashionMNIST(data_dir, train=True, transform=eval_tf)
+    train_idx, val_idx = FashionMNISTDataModule(val_split=VAL_SPLIT, seed=SEED).split_indices(full_train.targets)
+    kw = {"num_workers": workers, "persistent_workers": workers > 0}
+    train_loader = DataLoader(Subset(full_train, train_idx.tolist()), batch_size=BATCH_SIZE, shuffle=True, **kw)
+    val_loader = DataLoader(Subset(full_eval, val_idx.tolist()), batch_size=EVAL_BATCH_SIZE, **kw)
+    model = build_model(model_name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    model.train()
+    n_train = 0
+    for i, (x, y) in enumerate(train_loader):
+        if limit and i == limit:
+            break
+        with autocast(precision):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_train += len(y)
+    train_s = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad(), autocast(precision):
+        for i, (x, _) in enumerate(val_loader):
+            if limit and i == limit:
+                break
+            model(x)
+    return {"train_img_s": n_train / train_s, "epoch_s": time.perf_counter() - start}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.path == "bound":
+        result = run_bound(args.model, args.precision, args.limit_batches)
+    elif args.path == "package":
+        result = run_package(args.model, args.precision, args.limit_batches, args.data_dir)
+    else:
+        result = run_usual(args.model, args.precision, args.limit_batches, args.data_dir, args.workers)
+    result.update(path=args.path, model=args.model, precision=args.precision, peak_rss_mb=peak_rss_mb())
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["TinyVGG", "FashionCNN"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--paths", nargs="+", default=["bound", "package", "usual"])
+    parser.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after N batches")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual pipeline")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--path", choices=["bound", "package", "usual"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.path:
+        child(args)
+        return
+    results = []
+    for model in args.models:
+        for precision in args.precisions:
+            for path in args.paths:
+                cmd = [sys.executable, __file__, "--path", path, "--model", model, "--precision", precision]
+                cmd += ["--workers", str(args.workers), "--threads", str(args.threads), "--data-dir", args.data_dir]
+                if args.limit_batches:
+                    cmd += ["--limit-batches", str(args.limit_batches)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    sys.exit(f"{path}/{model}/{precision} failed:\n{out.stderr[-3000:]}")
+                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                print(json.dumps(results[-1]), file=sys.stderr)
+    print("| model | precision | path | train img/s | epoch s | vs bound | usual / package | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        same = {x["path"]: x for x in results if x["model"] == r["model"] and x["precision"] == r["precision"]}
+        vs_bound = r["epoch_s"] / same["bound"]["epoch_s"] if "bound" in same else float("nan")
+        speedup = same["usual"]["epoch_s"] / r["epoch_s"] if "usual" in same and r["path"] == "package" else None
+        print(
+            f"| {r['model']} | {r['precision']} | {r['path']} | {r['train_img_s']:.0f} | {r['epoch_s']:.1f} | "
+            f"{vs_bound:.2f}x | {f'{speedup:.2f}x' if speedup else ''} | {r['peak_rss_mb']:.0f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
