@@ -16,9 +16,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from fmnist_lightning import compare
 from fmnist_lightning.callbacks import EpochTimer, PredictionCSVWriter
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import ConfigError, FashionMNISTError
+from fmnist_lightning.evaluation import EvaluationReport
 from fmnist_lightning.task import ClassificationTask
 
 
@@ -95,6 +97,7 @@ class FashionMNISTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(EpochTimer, "epoch_timer")
+        parser.add_lightning_class_args(EvaluationReport, "evaluation")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then turn ``--ckpt_path best|last`` of validate/test/predict into a file of the latest run."""
@@ -115,15 +118,21 @@ class FashionMNISTCLI(LightningCLI):
             init.version = version  # log this stage into the run it evaluates
 
 
-def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI:
+def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI | Path:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
+
+    ``compare RUN_DIR RUN_DIR ...`` compares tested runs (see :mod:`fmnist_lightning.compare`) and
+    returns the folder it wrote; the other subcommands return the LightningCLI.
 
     Bad input (missing or corrupt data, impossible values) ends with one line on stderr and exit
     status 1; bad or unknown config keys end with jsonargparse's message and exit status 2.
     """
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs on GPUs that have them
+    argv = sys.argv[1:] if args is None else args
     try:
+        if isinstance(argv, list) and argv[:1] == ["compare"]:
+            return compare.main(argv[1:])
         return FashionMNISTCLI(
             ClassificationTask,
             FashionMNISTDataModule,

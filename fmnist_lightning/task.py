@@ -108,25 +108,26 @@ class ClassificationTask(LightningModule):
             loss = nn.functional.nll_loss(logits, y)
         return loss, logits, y
 
-    def _log_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
+    def _log_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> dict[str, Tensor]:
         loss, logits, y = self._shared_step(batch, stage)
         metrics.update(logits, y)
         # Epoch-level only: Lightning accumulates on the device, so no host sync per step.
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
         self.log_dict(metrics, on_step=False, on_epoch=True)
-        return loss
+        # Callbacks (confusion matrix, report) read the logits from the step's output.
+        return {"loss": loss, "logits": logits.detach(), "targets": y}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss."""
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """One optimisation step's loss (with the batch's logits for callbacks)."""
         return self._log_step(batch, "train", self.train_metrics)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate validation loss, accuracy and macro-F1."""
-        self._log_step(batch, "val", self.val_metrics)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate validation loss, accuracy and macro-F1; the logits go on to callbacks."""
+        return self._log_step(batch, "val", self.val_metrics)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate test loss, accuracy and macro-F1."""
-        self._log_step(batch, "test", self.test_metrics)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulate test loss, accuracy and macro-F1; the logits go on to callbacks."""
+        return self._log_step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Probabilities, predicted class and (where known) the true label of each image."""

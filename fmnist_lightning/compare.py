@@ -1,0 +1,147 @@
+"""``python -m fmnist_lightning compare RUN_DIR RUN_DIR ...``: tables, a chart and McNemar tests.
+
+Each RUN_DIR is a run folder holding ``report/`` (written by ``test``; the newest ``report*`` is
+used) or a report folder itself. All runs must have predicted the same test images.
+"""
+
+import argparse
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from fmnist_lightning.callbacks import unused_path
+from fmnist_lightning.errors import ConfigError
+
+COLUMNS = (
+    ("model", "model"),
+    ("parameters", "params"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("train_seconds_per_epoch", "train s/epoch"),
+    ("inference_images_per_s", "inference img/s"),
+)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: the p-value of ``b`` vs ``c`` discordant pairs under H0 (p = 1/2).
+
+    Args:
+        b: Test images the first model gets right and the second wrong.
+        c: Test images the first model gets wrong and the second right.
+
+    Returns:
+        ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Binomial(b + c, 1/2)``.
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def find_report(path: Path) -> Path:
+    """The report folder of a run folder (the newest ``report*``), or ``path`` if it is one."""
+    if (path / "metrics.json").is_file():
+        return path
+    reports = sorted(
+        (p for p in path.glob("report*") if (p / "metrics.json").is_file()), key=lambda p: p.stat().st_mtime
+    )
+    if not reports:
+        raise ConfigError(f"{path} holds no test report (report/metrics.json): run `test` on it first.")
+    return reports[-1]
+
+
+def load_predictions(report: Path) -> tuple[list[int], list[int], list[int]]:
+    """Test index, label and predicted class of every row of ``predictions.csv``."""
+    file = report / "predictions.csv"
+    try:
+        with file.open() as f:
+            rows = list(csv.DictReader(f))
+        return [int(r["index"]) for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"{file} is missing or unreadable ({err}); run `test` again.") from err
+
+
+def compare_runs(paths: list[Path], output: Path) -> Path:
+    """Write the comparison table (markdown, CSV), a bar chart and pairwise McNemar tests.
+
+    Args:
+        paths: Run or report folders, at least two.
+        output: Folder to create for the results (a numbered name if it exists).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ConfigError: If a run has no report, or the runs' predictions are not on the same test images.
+    """
+    if len(paths) < 2:
+        raise ConfigError("compare needs at least two runs.")
+    reports = [find_report(p) for p in paths]
+    names = [str(p) for p in paths]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in reports]
+    predictions = [load_predictions(r) for r in reports]
+    reference_index, reference_labels, _ = predictions[0]
+    for name, (index, labels, _) in zip(names[1:], predictions[1:], strict=True):
+        if index != reference_index or labels != reference_labels:
+            raise ConfigError(
+                f"{name} and {names[0]} did not predict the same test images ({len(index)} vs "
+                f"{len(reference_index)} rows, or different labels): compare runs tested on the full test set."
+            )
+    out = unused_path(output)
+    out.mkdir(parents=True)
+
+    header = ["run", *(title for _, title in COLUMNS)]
+    rows = [[name, *(m.get(key) for key, _ in COLUMNS)] for name, m in zip(names, metrics, strict=True)]
+    with (out / "comparison.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+    tests = []
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        labels, pred_a, pred_b = predictions[i][1], predictions[i][2], predictions[j][2]
+        a_only = sum(pa == y != pb for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
+        b_only = sum(pb == y != pa for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
+        tests.append([a, b, a_only, b_only, mcnemar_exact(a_only, b_only)])
+    with (out / "mcnemar.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["run_a", "run_b", "a_right_b_wrong", "a_wrong_b_right", "p_value"], *tests])
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 10 else f"{v:.1f}"
+        return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    lines += ["", "McNemar exact test on the shared test predictions (two-sided):", ""]
+    lines += ["| run A | run B | A right, B wrong | A wrong, B right | p-value |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {n_a} | {n_b} | {p:.3g} |" for a, b, n_a, n_b, p in tests]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+
+    fig = Figure(figsize=(max(6, 1.6 * len(names)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [m["accuracy"] for m in metrics], width=0.4, label="accuracy")
+    ax.bar([i + 0.2 for i in x], [m["macro_f1"] for m in metrics], width=0.4, label="macro-F1")
+    low = min(min(m["accuracy"], m["macro_f1"]) for m in metrics)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_xticks(list(x), [f"{n}\n{m['model']}" for n, m in zip(names, metrics, strict=True)], fontsize=7)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out / "comparison.png", dpi=110)
+    return out
+
+
+def main(argv: list[str]) -> Path:
+    """Parse ``compare``'s arguments, write the comparison and print its markdown."""
+    parser = argparse.ArgumentParser(prog="fmnist_lightning compare", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (or their report folders)")
+    parser.add_argument("--output", type=Path, default=Path("comparison"), help="folder for the results")
+    args = parser.parse_args(argv)
+    out = compare_runs(args.runs, args.output)
+    print((out / "comparison.md").read_text())
+    print(f"written to {out}/")
+    return out
