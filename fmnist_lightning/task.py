@@ -45,7 +45,7 @@ class ClassificationTask(LightningModule):
         tta_flip: At validation, test and predict time, average the softmax of each image and its
             horizontal mirror (test-time augmentation).
         channels_last: Run the network in channels-last memory format (NHWC), which oneDNN and
-            cuDNN convolutions prefer: 35% faster TinyVGG training on a 2-core CPU (README).
+            cuDNN convolutions prefer (faster TinyVGG training on this project's 2-core CPU).
     """
 
     def __init__(
