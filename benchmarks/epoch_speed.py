@@ -15,12 +15,14 @@ augmentation (random crop with padding 2, horizontal flip, rotation up to 10 deg
 Each measurement runs in its own process, which reports its peak resident memory.
 
 Usage:
-    python benchmarks/epoch_speed.py --models TinyVGG FashionCNN --precisions 32-true bf16-mixed
+    python benchmarks/epoch_speed.py --models TinyVGG FashionCNN --precisions 32-true --repeats 2
+    python benchmarks/epoch_speed.py --precisions bf16-mixed --limit-batches 20   # CPUs without native bf16
     python benchmarks/epoch_speed.py --models TinyVGG --limit-batches 20   # a quick look
 """
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -39,6 +41,11 @@ def build_model(name: str) -> torch.nn.Module:
     return getattr(models, name)()
 
 
+def make_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW with its fused kernel (the bound and the package; configs/fast.yaml sets ``fused: true``)."""
+    return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+
 def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -50,10 +57,12 @@ def peak_rss_mb() -> float:
 def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
     torch.manual_seed(SEED)
     model = build_model(model_name).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters())
     x = torch.randn(BATCH_SIZE, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BATCH_SIZE,))
-    steps = limit or 60
+    # As many steps as the package's epoch: the CPU's speed drifts over minutes, so a short
+    # sample would compare different moments of the machine rather than the two loops.
+    steps = limit or math.ceil((60_000 - VAL_SPLIT) / BATCH_SIZE)
 
     def step() -> None:
         with autocast(precision):
@@ -73,9 +82,10 @@ def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
     with torch.inference_mode(), autocast(precision):
         model(xe)
         start = time.perf_counter()
-        for _ in range(max(steps // 4, 3)):
+        eval_steps = math.ceil(min(steps * EVAL_BATCH_SIZE, VAL_SPLIT) / EVAL_BATCH_SIZE)
+        for _ in range(eval_steps):
             model(xe)
-        eval_ips = max(steps // 4, 3) * EVAL_BATCH_SIZE / (time.perf_counter() - start)
+        eval_ips = eval_steps * EVAL_BATCH_SIZE / (time.perf_counter() - start)
     # The images one epoch (or its --limit-batches slice) trains and validates on.
     n_train = limit * BATCH_SIZE if limit else 60_000 - VAL_SPLIT
     n_val = min(limit * EVAL_BATCH_SIZE, VAL_SPLIT) if limit else VAL_SPLIT
@@ -99,7 +109,7 @@ def run_package(model_name: str, precision: str, limit: int | None, data_dir: st
         hflip_prob=0.5,
         rotation_degrees=ROTATION,
     )
-    task = ClassificationTask(build_model(model_name), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    task = ClassificationTask(build_model(model_name), optimizer=make_optimizer)
     trainer = Trainer(
         max_epochs=1,
         precision=precision,
@@ -115,7 +125,7 @@ def run_package(model_name: str, precision: str, limit: int | None, data_dir: st
     start = time.perf_counter()
     trainer.fit(task, datamodule=dm)
     epoch_s = time.perf_counter() - start
-    n_train = (limit or len(dm.train_dataloader())) * BATCH_SIZE
+    n_train = limit * BATCH_SIZE if limit else len(dm.train_set)
     return {"train_img_s": n_train / float(trainer.callback_metrics["time/train_epoch_s"]), "epoch_s": epoch_s}
 
 
@@ -190,6 +200,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual pipeline")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every path this many times, round-robin")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--path", choices=["bound", "package", "usual"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -201,29 +212,55 @@ def main() -> None:
     results = []
     for model in args.models:
         for precision in args.precisions:
-            for path in args.paths:
-                cmd = [sys.executable, __file__, "--path", path, "--model", model, "--precision", precision]
-                cmd += ["--workers", str(args.workers), "--threads", str(args.threads), "--data-dir", args.data_dir]
-                if args.limit_batches:
-                    cmd += ["--limit-batches", str(args.limit_batches)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                if out.returncode or not lines:
-                    sys.exit(f"{path}/{model}/{precision} failed:\n{out.stderr[-3000:]}")
-                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
-                print(json.dumps(results[-1]), file=sys.stderr)
-    print("| model | precision | path | train img/s | epoch s | vs bound | usual / package | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        same = {x["path"]: x for x in results if x["model"] == r["model"] and x["precision"] == r["precision"]}
-        vs_bound = r["epoch_s"] / same["bound"]["epoch_s"] if "bound" in same else float("nan")
-        speedup = same["usual"]["epoch_s"] / r["epoch_s"] if "usual" in same and r["path"] == "package" else None
-        print(
-            f"| {r['model']} | {r['precision']} | {r['path']} | {r['train_img_s']:.0f} | {r['epoch_s']:.1f} | "
-            f"{vs_bound:.2f}x | {f'{speedup:.2f}x' if speedup else ''} | {r['peak_rss_mb']:.0f} |"
-        )
+            # Round-robin over the paths, so each repeat sees the machine in the same state.
+            for _ in range(args.repeats):
+                for path in args.paths:
+                    results.append(run_child(args, path, model, precision))
+                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def run_child(args: argparse.Namespace, path: str, model: str, precision: str) -> dict:
+    """Run one measurement in a fresh process and return its result."""
+    cmd = [sys.executable, __file__, "--path", path, "--model", model, "--precision", precision]
+    cmd += ["--workers", str(args.workers), "--threads", str(args.threads), "--data-dir", args.data_dir]
+    if args.limit_batches:
+        cmd += ["--limit-batches", str(args.limit_batches)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"{path}/{model}/{precision} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table: mean (± std over repeats) per model, precision and path, with the ratios."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["precision"], r["path"]), []).append(r)
+
+    def mean_std(key: tuple[str, str, str], field: str) -> tuple[float, float]:
+        values = torch.tensor([r[field] for r in groups[key]], dtype=torch.float64)
+        return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+
+    lines = [
+        "| model | precision | path | runs | train img/s | epoch s | epoch / bound | usual / this | peak RSS MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model, precision, path in groups:
+        ips, ips_sd = mean_std((model, precision, path), "train_img_s")
+        epoch, epoch_sd = mean_std((model, precision, path), "epoch_s")
+        bound, usual = (model, precision, "bound"), (model, precision, "usual")
+        vs_bound = f"{epoch / mean_std(bound, 'epoch_s')[0]:.2f}x" if bound in groups else ""
+        speedup = f"{mean_std(usual, 'epoch_s')[0] / epoch:.2f}x" if usual in groups else ""
+        rss = max(r["peak_rss_mb"] for r in groups[(model, precision, path)])
+        lines.append(
+            f"| {model} | {precision} | {path} | {len(groups[(model, precision, path)])} | {ips:.0f} ± {ips_sd:.0f} | "
+            f"{epoch:.1f} ± {epoch_sd:.1f} | {vs_bound} | {speedup} | {rss:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from fmnist_lightning.callbacks import EpochTimer, PredictionCSVWriter
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import ConfigError, FashionMNISTError
 from fmnist_lightning.evaluation import EvaluationReport
+from fmnist_lightning.precision import resolve_precision
 from fmnist_lightning.task import ClassificationTask
 
 
@@ -98,6 +99,20 @@ class FashionMNISTCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(EpochTimer, "epoch_timer")
         parser.add_lightning_class_args(EvaluationReport, "evaluation")
+        parser.add_argument(
+            "--bf16_fallback",
+            type=bool,
+            default=True,
+            help="Train in 32-true when bf16 is asked for on a CPU without native bf16 (emulated bf16 is "
+            "several times slower); false keeps bf16.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Fall back from bf16 to 32-true on CPUs that would only emulate it (see :mod:`.precision`)."""
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg.get("bf16_fallback", True):
+            cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then turn ``--ckpt_path best|last`` of validate/test/predict into a file of the latest run."""

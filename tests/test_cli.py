@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fmnist_lightning import ClassificationTask
 from fmnist_lightning.cli import main
+from fmnist_lightning.precision import cpu_has_native_bf16, resolve_precision
 
 from .conftest import CONFIGS, fast_fit_args
 
@@ -60,11 +61,18 @@ def test_fit_test_predict_and_reload(tmp_path, data_dir, monkeypatch):
         assert int(row["pred"]) == max(range(10), key=probs.__getitem__)
 
 
-def test_bf16_mixed_precision_fits(tmp_path, data_dir, monkeypatch):
+def test_bf16_mixed_precision_fits_when_forced(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, tmp_path), "--trainer.precision=bf16-mixed"])
+    args = ["--trainer.precision=bf16-mixed", "--bf16_fallback=false"]
+    cli = main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, tmp_path, *args)])
     assert cli.trainer.precision == "bf16-mixed"
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_bf16_falls_back_to_fp32_only_on_cpus_without_native_bf16(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, tmp_path, "--trainer.precision=bf16-mixed")])
+    assert cli.trainer.precision == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -118,3 +126,11 @@ def test_ckpt_best_without_a_run_is_a_clear_error(tmp_path, data_dir, monkeypatc
     with pytest.raises(SystemExit) as exit_:
         main(["test", *SMALL_TINYVGG, *fast_fit_args(data_dir, tmp_path / "logs"), "--ckpt_path=best"])
     assert "Run `fit`" in str(exit_.value.code)
+
+
+def test_resolve_precision_touches_only_bf16_on_the_cpu():
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == expected
