@@ -60,9 +60,12 @@ def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
     opt = make_optimizer(model.parameters())
     x = torch.randn(BATCH_SIZE, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BATCH_SIZE,))
-    # As many steps as the package's epoch: the CPU's speed drifts over minutes, so a short
-    # sample would compare different moments of the machine rather than the two loops.
-    steps = limit or math.ceil((60_000 - VAL_SPLIT) / BATCH_SIZE)
+    # The images one epoch (or its --limit-batches slice) trains and validates on, all of them run:
+    # the CPU's speed drifts over minutes, so a short sample would compare different moments of the
+    # machine rather than the two loops.
+    n_train = limit * BATCH_SIZE if limit else 60_000 - VAL_SPLIT
+    n_val = min(limit * EVAL_BATCH_SIZE, VAL_SPLIT) if limit else VAL_SPLIT
+    steps, eval_steps = math.ceil(n_train / BATCH_SIZE), math.ceil(n_val / EVAL_BATCH_SIZE)
 
     def step() -> None:
         with autocast(precision):
@@ -82,13 +85,9 @@ def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
     with torch.inference_mode(), autocast(precision):
         model(xe)
         start = time.perf_counter()
-        eval_steps = math.ceil(min(steps * EVAL_BATCH_SIZE, VAL_SPLIT) / EVAL_BATCH_SIZE)
         for _ in range(eval_steps):
             model(xe)
         eval_ips = eval_steps * EVAL_BATCH_SIZE / (time.perf_counter() - start)
-    # The images one epoch (or its --limit-batches slice) trains and validates on.
-    n_train = limit * BATCH_SIZE if limit else 60_000 - VAL_SPLIT
-    n_val = min(limit * EVAL_BATCH_SIZE, VAL_SPLIT) if limit else VAL_SPLIT
     epoch_s = n_train / train_ips + n_val / eval_ips
     return {"train_img_s": train_ips, "epoch_s": epoch_s}
 
@@ -206,6 +205,8 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.path:
         child(args)
         return
