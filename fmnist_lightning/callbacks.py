@@ -11,15 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from fmnist_lightning.data import CLASS_NAMES
-
-
-def unused_path(path: Path) -> Path:
-    """``path`` itself if free, else ``stem_1.ext``, ``stem_2.ext``...: never overwrite a result."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
+from fmnist_lightning.runs import unused_path
 
 
 class PredictionCSVWriter(BasePredictionWriter):

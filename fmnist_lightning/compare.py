@@ -13,8 +13,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fmnist_lightning.callbacks import unused_path
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.runs import unused_path
 
 COLUMNS = (
     ("model", "model"),

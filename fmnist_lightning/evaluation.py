@@ -36,8 +36,8 @@ from torchmetrics.classification import (
     MulticlassROC,
 )
 
-from fmnist_lightning.callbacks import unused_path
 from fmnist_lightning.data import CLASS_NAMES
+from fmnist_lightning.runs import unused_path
 
 CURVES = (("loss", ("train/loss", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
 
