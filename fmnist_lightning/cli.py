@@ -24,6 +24,13 @@ from fmnist_lightning.evaluation import EvaluationReport
 from fmnist_lightning.precision import resolve_precision
 from fmnist_lightning.task import ClassificationTask
 
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "default"},
+    },
+}
+
 
 class RunConfigSaver(SaveConfigCallback):
     """Save ``config.yaml`` for ``fit``; ``config_<stage>.yaml`` for later stages in the same run.
@@ -133,6 +140,42 @@ class FashionMNISTCLI(LightningCLI):
             init.version = version  # log this stage into the run it evaluates
 
 
+class _ParseOnlyCLI(FashionMNISTCLI):
+    """Parses a command line the way the CLI does, without building or running anything."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_fit_config(fit_args: list[str]) -> Namespace:
+    """The resolved ``fit`` configuration of a command line, e.g. ``["--config", "configs/fast.yaml"]``.
+
+    Nothing is instantiated, trained or written; jsonargparse's errors still exit as the CLI does.
+
+    Returns:
+        The ``fit`` subcommand's namespace (``cfg.trainer.logger.init_args.save_dir``, ``cfg.data``...).
+    """
+    cli = _ParseOnlyCLI(
+        ClassificationTask,
+        FashionMNISTDataModule,
+        save_config_callback=None,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        args=["fit", *fit_args],
+    )
+    return cli.config.fit
+
+
 def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI | Path:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
 
@@ -152,12 +195,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI | Pa
             ClassificationTask,
             FashionMNISTDataModule,
             save_config_callback=RunConfigSaver,
-            trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": "default"},
-                },
-            },
+            trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=42,
             auto_configure_optimizers=False,
             args=args,
