@@ -1,52 +1,86 @@
 """Callbacks the CLI adds besides Lightning's own."""
 
-import csv
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict, _sanitize_params
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
 
 from fmnist_lightning.data import CLASS_NAMES
-from fmnist_lightning.runs import unused_path
+from fmnist_lightning.errors import DataError
+from fmnist_lightning.predictions import PredictionsWriter
+from fmnist_lightning.runs import append_history, unused_path
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """Write ``predict`` output to a CSV file: index, label, predicted class and class probabilities.
+    """Stream ``predict`` output, batch by batch, to a predictions CSV in the run's log directory.
+
+    The layout is :mod:`fmnist_lightning.predictions`'s (index, file, label, predicted class, its
+    probability, the top-3, every class probability): test-set images have their label and no file;
+    the user's images (``--data.predict_dir``) have their path and an empty label. The file appears
+    under its name, complete, when ``predict`` ends, and its path is printed. If not one image could
+    be read, nothing is written and :class:`~fmnist_lightning.errors.DataError` ends the run.
 
     Args:
         filename: File name inside the run's log directory; an existing file is never overwritten
             (a numbered name is used instead).
-        class_names: Column names for the probabilities.
+        class_names: Class names, in label order.
     """
 
     def __init__(self, filename: str = "predictions.csv", class_names: Sequence[str] = CLASS_NAMES) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")  # rows are written as batches come: memory stays flat
         self.filename = filename
         self.class_names = tuple(class_names)
         self.path: Path | None = None
+        self._writer: PredictionsWriter | None = None
 
-    def write_on_epoch_end(
-        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
-    ) -> None:
-        """Gather the batches' outputs and write one row per image."""
-        if not predictions:
-            return
-        outputs = predictions[0] if isinstance(predictions[0], list) else predictions  # one dataloader
-        probs = torch.cat([o["probs"] for o in outputs]).cpu()
-        preds = torch.cat([o["preds"] for o in outputs]).cpu()
-        labels = torch.cat([o["labels"] for o in outputs]).cpu()
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Pick a free file name in the run folder and start writing under a temporary name."""
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
         self.path = unused_path(log_dir / self.filename)
-        with self.path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", "label", "pred", *(f"p_{name}" for name in self.class_names)])
-            for i, (label, pred, p) in enumerate(zip(labels.tolist(), preds.tolist(), probs.tolist(), strict=True)):
-                writer.writerow([i, label, pred, *(f"{v:.6f}" for v in p)])
+        self._writer = PredictionsWriter(self.path, self.class_names).open()
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Append the batch's rows (``predict_step``'s probabilities, labels and files)."""
+        if self._writer is not None:
+            self._writer.write(prediction["probs"], labels=prediction["labels"], files=prediction.get("files"))
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Put the file in place and print its path, or refuse an empty result."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if writer.rows == 0:
+            writer.close(discard=True)
+            source = getattr(trainer.datamodule, "predict_dir", None) or "the predict data"
+            raise DataError(
+                f"no image could be read from {source} (each unreadable file is named in a warning above); "
+                "nothing was written."
+            )
+        writer.close()
+        print(f"Predictions of {writer.rows} images written to {self.path}")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Remove the unfinished file: a failed run leaves no partial CSV."""
+        if self._writer is not None:
+            self._writer.close(discard=True)
+            self._writer = None
 
 
 class EpochTimer(Callback):
@@ -79,3 +113,123 @@ class EpochTimer(Callback):
         """Log the training time of the epoch, validation excluded."""
         seconds = time.perf_counter() - self._train_start - self._val_seconds
         pl_module.log("time/train_epoch_s", seconds, on_step=False, on_epoch=True)
+
+
+class EarlyStopping(LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` that a config can switch off (``early_stopping: {enabled: false}``).
+
+    Recipes with a one-cycle schedule end at their own time; stopping them early would cut the
+    schedule before its learning rate has annealed.
+
+    Args:
+        enabled: Whether to stop early at all.
+        **kwargs: Lightning's ``EarlyStopping`` arguments (``monitor``, ``patience``, ``mode``...).
+    """
+
+    def __init__(self, enabled: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.enabled = enabled
+
+    def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        if self.enabled:
+            super()._run_early_stopping_check(trainer)
+
+
+class MetricsHistory(Callback):
+    """Append each epoch's metrics to the run's ``history.csv`` (training curves without TensorBoard).
+
+    Args:
+        keys: The epoch-level metrics to record, when logged.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = (
+            "train/loss",
+            "train/acc",
+            "val/loss",
+            "val/acc",
+            "val/f1",
+            "time/train_epoch_s",
+            "time/val_epoch_s",
+        ),
+    ) -> None:
+        self.keys = tuple(keys)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the epoch's row (rank 0; skipped when there is no run folder)."""
+        if not trainer.is_global_zero or trainer.log_dir is None or not trainer.loggers:
+            return
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row |= {k: float(metrics[k]) for k in self.keys if k in metrics}
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        if lrs:
+            row["lr"] = lrs[0]
+        append_history(Path(trainer.log_dir), row)
+
+
+class HParamsLogger(Callback):
+    """TensorBoard's HParams view: each run's hyper-parameters with its best ``val/acc`` and ``val/loss``.
+
+    At the start of a new run, writes the hyper-parameters (the task's and the data module's,
+    flattened) with the metrics ``hp/best_val_acc``, ``hp/best_val_loss`` and ``hp/test_acc``;
+    after each validation epoch logs the best values so far, and ``test`` (into the same run folder)
+    logs ``hp/test_acc``. Lightning's own ``hp_metric = -1`` is switched off by the CLI.
+    """
+
+    METRICS = ("hp/best_val_acc", "hp/best_val_loss", "hp/test_acc")
+
+    def __init__(self) -> None:
+        self.best_acc = -math.inf
+        self.best_loss = math.inf
+
+    def state_dict(self) -> dict[str, float]:
+        """Best values so far, so that a resumed run carries on from them."""
+        return {"best_acc": self.best_acc, "best_loss": self.best_loss}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Restore the best values of the run being resumed."""
+        self.best_acc, self.best_loss = state_dict["best_acc"], state_dict["best_loss"]
+
+    @staticmethod
+    def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the hyper-parameters of a new run (a resumed run has them already)."""
+        logger = self._tensorboard(trainer)
+        if logger is None or not trainer.is_global_zero or trainer.ckpt_path:
+            return
+        params: dict[str, Any] = {**pl_module.hparams}
+        if trainer.datamodule is not None:
+            params |= {f"data/{k}": v for k, v in trainer.datamodule.hparams.items()}
+        params |= {"trainer/max_epochs": trainer.max_epochs, "trainer/precision": trainer.precision}
+        params = _sanitize_params(_flatten_dict(_convert_params(params), delimiter="/"))
+        params = {k: v for k, v in params.items() if not k.endswith(("_dir", "/download", "/num_workers"))}
+        # Written by hand rather than through logger.log_hyperparams, which would log placeholder
+        # values at step 0 that the HParams view would show until the first validation.
+        exp, ssi, sei = hparams(params, dict.fromkeys(self.METRICS, 0.0))
+        writer = logger.experiment._get_file_writer()
+        for summary in (exp, ssi, sei):
+            writer.add_summary(summary)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the best validation accuracy and loss so far."""
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        if "val/acc" not in metrics or "val/loss" not in metrics:
+            return
+        self.best_acc = max(self.best_acc, float(metrics["val/acc"]))
+        self.best_loss = min(self.best_loss, float(metrics["val/loss"]))
+        logger = self._tensorboard(trainer)
+        if logger is not None and trainer.state.fn == "fit":
+            values = {"hp/best_val_acc": self.best_acc, "hp/best_val_loss": self.best_loss}
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the test accuracy next to the run's hyper-parameters (the epoch's metrics are final here)."""
+        logger = self._tensorboard(trainer)
+        if logger is not None and trainer.is_global_zero and "test/acc" in trainer.callback_metrics:
+            logger.log_metrics({"hp/test_acc": float(trainer.callback_metrics["test/acc"])}, step=trainer.global_step)

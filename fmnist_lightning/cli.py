@@ -1,96 +1,146 @@
-"""The command line: ``python -m fmnist_lightning {fit,validate,test,predict} --config FILE``.
+"""The command line: ``python -m fmnist_lightning SUBCOMMAND ...``, one jsonargparse parser for all of it.
 
-A LightningCLI over :class:`ClassificationTask` and :class:`FashionMNISTDataModule`, with the
-project's default callbacks (checkpoint on ``val/acc``, early stopping on ``val/loss``, LR monitor,
-prediction CSV writer) and ``--ckpt_path best|last`` resolved to the latest run of the configured
-logger, whose directory then also receives the test/validate/predict logs.
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's, over :class:`ClassificationTask`
+and :class:`FashionMNISTDataModule` with the project's default callbacks; the other subcommands
+(``compare``...) are tools added to the same parser, so ``--help`` lists them all.
+
+A run lives in one folder, ``<save_dir>/<name>/version_N`` (the logger's name defaults to the config
+file's name): ``fit --ckpt_path last`` (or a checkpoint of a run) resumes that run in place, and
+``validate``/``test``/``predict`` with ``--ckpt_path best|last`` or a run's checkpoint log into that
+run's folder. Bad input ends in one line on stderr and a non-zero exit, before any run folder is
+made; ``--debug`` (or ``FMNIST_LIGHTNING_DEBUG=1``) shows the traceback instead.
 """
 
+import json
+import logging
+import os
+import shutil
 import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from fmnist_lightning import compare
-from fmnist_lightning.callbacks import EpochTimer, PredictionCSVWriter
+from fmnist_lightning.callbacks import EarlyStopping, EpochTimer, HParamsLogger, MetricsHistory, PredictionCSVWriter
+from fmnist_lightning.checkpoints import AtomicCheckpointIO, RunCheckpoint, load_checkpoint
 from fmnist_lightning.data import FashionMNISTDataModule
-from fmnist_lightning.errors import ConfigError, FashionMNISTError
-from fmnist_lightning.evaluation import EvaluationReport
+from fmnist_lightning.errors import CheckpointError, ConfigError, FashionMNISTError
+from fmnist_lightning.evaluation import EpochMetrics
 from fmnist_lightning.precision import resolve_precision
-from fmnist_lightning.task import ClassificationTask
+from fmnist_lightning.report import TestReport
+from fmnist_lightning.runs import (
+    check_plain_file_name,
+    check_relative_name,
+    check_writable,
+    find_run_checkpoint,
+    remove_new,
+    run_dir_of_checkpoint,
+    snapshot,
+    unused_path,
+)
+from fmnist_lightning.task import ClassificationTask, needs_total_steps
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "lightning_logs", "name": "default"},
-    },
-}
+DEBUG_ENV = "FMNIST_LIGHTNING_DEBUG"
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """The Trainer's defaults (fresh callback objects for every CLI: k-fold runs many in one process)."""
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            # name None: the config file's name (configs/tinyvgg.yaml -> lightning_logs/tinyvgg/).
+            # default_hp_metric off: HParamsLogger logs real metrics instead of hp_metric = -1.
+            "init_args": {"save_dir": "lightning_logs", "name": None, "default_hp_metric": False},
+        },
+        "callbacks": [HParamsLogger(), MetricsHistory()],
+    }
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Save ``config.yaml`` for ``fit``; ``config_<stage>.yaml`` for later stages in the same run.
+    """Save the resolved config into the run folder, never over an earlier record.
 
-    ``fit`` refuses to overwrite an existing ``config.yaml`` (each fit gets a new version folder);
-    a later ``test`` of that run writes its own file beside it and leaves the fit's config alone.
+    ``fit`` writes ``config.yaml`` (a resumed fit ``config_resume.yaml``, numbered if taken); a
+    later stage writes ``config_<stage>.yaml``, ``config_<stage>_1.yaml``... ``test`` also hands
+    the YAML to the report, which keeps it beside its metrics.
     """
 
+    resumed = False
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Pick the file name by stage, then save as Lightning does."""
+        """Pick a free file name by stage, then save as Lightning does."""
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
-        if stage != "fit":
-            self.config_filename, self.overwrite = f"config_{stage}.yaml", True
+        if stage != "fit" or self.resumed:
+            name = "config_resume.yaml" if stage == "fit" else f"config_{stage}.yaml"
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            self.config_filename = unused_path(log_dir / name).name
+        for callback in trainer.callbacks:
+            if isinstance(callback, TestReport):
+                callback.config = self.parser.dump(self.config, skip_none=False)
         super().setup(trainer, pl_module, stage)
 
 
-def find_run_checkpoint(run_root: Path, which: str) -> tuple[Path, int]:
-    """Resolve ``best`` or ``last`` to a checkpoint of the latest run under ``run_root``.
+@dataclass
+class Tool:
+    """A subcommand that is not a Trainer method: how to add its arguments and how to run it."""
 
-    Args:
-        run_root: ``<save_dir>/<name>`` of a TensorBoard logger, holding ``version_N`` folders.
-        which: ``best`` (the checkpoint ModelCheckpoint recorded as best) or ``last``.
+    help: str
+    add_arguments: Callable[[LightningArgumentParser], None]
+    run: Callable[[Namespace], Any]
 
-    Returns:
-        The checkpoint path and the run's version number.
 
-    Raises:
-        ConfigError: If no run with a ``last.ckpt`` exists there.
-    """
-    runs = sorted(
-        (int(d.name.removeprefix("version_")), d)
-        for d in run_root.glob("version_*")
-        if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
-    )
-    if not runs:
-        raise ConfigError(
-            f"--ckpt_path {which}: no finished run with checkpoints/last.ckpt under {run_root}. Run `fit` with "
-            "the same config first, or give the checkpoint's path."
-        )
-    version, run = runs[-1]
-    last = run / "checkpoints" / "last.ckpt"
-    if which == "last":
-        return last, version
-    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    for key, value in state.items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
-            best = Path(value["best_model_path"])
-            # The run folder may have moved since: look for the file beside last.ckpt too.
-            for candidate in (best, last.parent / best.name):
-                if candidate.is_file():
-                    return candidate, version
-    raise ConfigError(f"--ckpt_path best: {last} records no best checkpoint that still exists; use its path.")
+def _compare_arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=str, help="Run folders (or their report folders), two or more.")
+    parser.add_argument("--output", type=str, default="comparison", help="Folder for the results (numbered if taken).")
+
+
+def _compare(cfg: Namespace) -> Path:
+    out = compare.compare_runs([Path(r) for r in cfg.runs], Path(cfg.output))
+    print((out / "comparison.md").read_text())
+    print(f"Written to {out}/")
+    return out
+
+
+TOOLS: dict[str, Tool] = {
+    "compare": Tool("Compare tested runs: table, chart and McNemar tests.", _compare_arguments, _compare),
+}
 
 
 class FashionMNISTCLI(LightningCLI):
-    """LightningCLI with the project's callbacks, logger and checkpoint resolution."""
+    """LightningCLI with the project's callbacks, run folders, checks and tool subcommands."""
+
+    debug = False
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The parser, with ``--debug`` on the top-level one."""
+        parser = super().init_parser(**kwargs)
+        if not hasattr(self, "parser"):  # the first parser made is the top-level one
+            parser.add_argument("--debug", action="store_true", help=f"Show tracebacks (also: {DEBUG_ENV}=1).")
+        return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Trainer subcommands as LightningCLI adds them, then the tools."""
+        super()._add_subcommands(parser, **kwargs)
+        for stage in ("validate", "test"):  # our summary replaces the 35-row results table
+            self._subcommand_parsers[stage].set_defaults(verbose=False)
+        for name, tool in TOOLS.items():
+            sub = LightningArgumentParser(description=tool.help)
+            tool.add_arguments(sub)
+            self._subcommand_parsers[name] = sub
+            parser._subcommands_action.add_subcommand(name, sub, help=tool.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the default callbacks as configurable groups (``--checkpoint.*``, ``--early_stopping.*``)."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        """The default callbacks as configurable groups (``--checkpoint.*``, ``--early_stopping.*``...)."""
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -105,7 +155,11 @@ class FashionMNISTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(EpochTimer, "epoch_timer")
-        parser.add_lightning_class_args(EvaluationReport, "evaluation")
+        parser.add_lightning_class_args(EpochMetrics, "epoch_metrics")
+        parser.add_lightning_class_args(TestReport, "test_report")
+        for key in ("epoch_metrics", "test_report", "prediction_writer"):  # class names declared once: the data's
+            parser.link_arguments("data.class_names", f"{key}.class_names", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.num_classes", compute_fn=len, apply_on="instantiate")
         parser.add_argument(
             "--bf16_fallback",
             type=bool,
@@ -114,30 +168,249 @@ class FashionMNISTCLI(LightningCLI):
             "several times slower); false keeps bf16.",
         )
 
+    # --- parsing ------------------------------------------------------------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then settle the run folder and the checkpoint before anything is built."""
+        super().parse_arguments(parser, args)
+        FashionMNISTCLI.debug = bool(self.config.get("debug"))
+        self.checkpoint: dict[str, Any] | None = None
+        sub = self.config.get("subcommand")
+        if sub in TRAINER_SUBCOMMANDS:
+            self._settle_run(sub, self.config[sub])
+
+    def _settle_run(self, sub: str, cfg: Namespace) -> None:
+        logger = cfg.trainer.get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is not None and "save_dir" in init:
+            if init.get("name") is None:
+                configs = cfg.get("config") or []
+                init.name = Path(str(configs[0])).stem if configs else "default"
+            check_relative_name(init.name, "--trainer.logger.init_args.name")
+            check_relative_name(init.get("version"), "--trainer.logger.init_args.version")
+        check_plain_file_name(cfg.prediction_writer.filename, "--prediction_writer.filename")
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path in ("best", "last") and (sub != "fit" or ckpt_path == "last"):
+            if init is None or "save_dir" not in init:
+                raise ConfigError(f"--ckpt_path {ckpt_path} needs a TensorBoardLogger in the config to find the run.")
+            cfg.ckpt_path = str(find_run_checkpoint(Path(init.save_dir) / init.name, ckpt_path))
+        elif ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+            raise ConfigError(f"--ckpt_path {ckpt_path} is not supported by fit; use `last` or a checkpoint's path.")
+        self.checkpoint = load_checkpoint(cfg.ckpt_path)
+        self._check_architecture(cfg)
+        run = run_dir_of_checkpoint(Path(cfg.ckpt_path))
+        if run is not None and init is not None and "save_dir" in init:
+            # Continue (fit) or evaluate (the rest) in the checkpoint's own run folder.
+            init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
+            RunConfigSaver.resumed = sub == "fit"
+        else:
+            RunConfigSaver.resumed = False
+
+    def _check_architecture(self, cfg: Namespace) -> None:
+        """Refuse a checkpoint whose network is not the config's, before it could be used silently."""
+        saved = (self.checkpoint or {}).get("hyper_parameters", {}).get("model")
+        wanted = cfg.model.get("model")
+        if not isinstance(saved, dict) or wanted is None:
+            return
+        wanted = wanted.as_dict() if isinstance(wanted, Namespace) else wanted
+
+        def describe(model: dict) -> str:
+            args = json.loads(json.dumps(model.get("init_args") or {}, default=str))
+            return (
+                f"{model.get('class_path', '?').rsplit('.', 1)[-1]}({', '.join(f'{k}={v}' for k, v in args.items())})"
+            )
+
+        if describe(saved) != describe(wanted):
+            raise CheckpointError(
+                f"checkpoint {cfg.ckpt_path} holds a {describe(saved)}, but the config builds a {describe(wanted)}. "
+                "Use the config the checkpoint was trained with (its run folder's config.yaml)."
+            )
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: the config's model is used, and checked against the checkpoint in :meth:`_settle_run`.
+
+        LightningCLI would merge the checkpoint's hyper-parameters into the config, silently replacing
+        the configured network and options (``--model.tta_flip false`` would be ignored at test).
+        """
+
+    def _set_seed(self) -> None:
+        if self.config.get("subcommand") in TRAINER_SUBCOMMANDS:
+            super()._set_seed()
+
+    # --- building -----------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         """Fall back from bf16 to 32-true on CPUs that would only emulate it (see :mod:`.precision`)."""
         sub = self.config.get("subcommand")
-        cfg = self.config[sub] if sub else self.config
+        if sub not in TRAINER_SUBCOMMANDS:
+            return
+        cfg = self.config[sub]
         if cfg.get("bf16_fallback", True):
             cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then turn ``--ckpt_path best|last`` of validate/test/predict into a file of the latest run."""
-        super().parse_arguments(parser, args)
-        sub = self.config.get("subcommand")
-        if sub not in ("validate", "test", "predict"):
+    def instantiate_classes(self) -> None:
+        """Build model, data, callbacks and Trainer; a value they refuse is a config error."""
+        if self.config.get("subcommand") not in TRAINER_SUBCOMMANDS:
             return
-        cfg = self.config[sub]
-        if cfg.get("ckpt_path") not in ("best", "last"):
+        try:
+            super().instantiate_classes()
+        except FashionMNISTError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"invalid configuration: {_first_line(err)}. Fix it in the config or on the command line."
+            ) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with atomic checkpoint writes unless the config names its own CheckpointIO."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    # --- running ------------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run a tool, or a Trainer stage with its checks first and its run folder cleaned up if it fails."""
+        if subcommand in TOOLS:
+            self.result = TOOLS[subcommand].run(self.config[subcommand])
             return
-        logger = cfg.trainer.get("logger")
-        init = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if init is None or "save_dir" not in init:
-            raise ConfigError("--ckpt_path best|last needs a TensorBoardLogger in the config to find the run.")
-        path, version = find_run_checkpoint(Path(init.save_dir) / (init.get("name") or ""), cfg.ckpt_path)
-        cfg.ckpt_path = str(path)
-        if init.get("version") is None:
-            init.version = version  # log this stage into the run it evaluates
+        self._check_before_run(subcommand)
+        logger = self.trainer.logger
+        run_dir = Path(self.trainer.log_dir) if logger is not None and self.trainer.log_dir else None
+        created = [p for p in _parents_to_create(run_dir)] if run_dir else []
+        before = snapshot(run_dir) if run_dir else set()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if run_dir is not None and self.trainer.is_global_zero:
+                _clean_up_failed_run(run_dir, created, before)
+            raise
+
+    def _check_before_run(self, subcommand: str) -> None:
+        """What can be checked before the run folder exists: optimizer, scheduler, checkpoint, log folder."""
+        if subcommand == "fit":
+            self._check_optimizer()
+        if self.checkpoint is not None:
+            _check_state_dict(self.model, self.checkpoint, self._get(self.config, "ckpt_path"))
+        if self.trainer.logger is not None and self.trainer.log_dir:
+            check_writable(Path(self.trainer.log_dir), "log folder")
+        self.datamodule.prepare_data()  # finds (or stages) the data files now, not inside the run
+
+    def _check_optimizer(self) -> None:
+        task = self.model
+        if not isinstance(task, ClassificationTask):
+            return
+        try:
+            optimizer = task.optimizer_factory(task.parameters())
+            if task.scheduler_factory is not None:
+                steps = {"total_steps": 1} if needs_total_steps(task.scheduler_factory) else {}
+                task.scheduler_factory(optimizer, **steps)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ConfigError(
+                f"model.optimizer / model.lr_scheduler: {_first_line(err)}. Fix the value in the config or on the "
+                "command line."
+            ) from err
+
+    # --- telling the user what happened -------------------------------------------------------
+    def after_fit(self) -> None:
+        """Where the run went, its best checkpoint, and what to run next."""
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        run = Path(self.trainer.log_dir)
+        lines = [f"Run folder: {run}"]
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "")
+        if best:
+            lines.append(f"Best checkpoint: {best} (val/acc {float(ckpt.best_model_score):.4f})")
+        if getattr(ckpt, "last_model_path", ""):
+            lines.append(f"Last checkpoint: {ckpt.last_model_path} ({self.trainer.current_epoch} epochs trained)")
+        if best:
+            config = run / "config.yaml"
+            lines.append(f"Test it:      python -m fmnist_lightning test --config {config} --ckpt_path {best}")
+        if isinstance(self.trainer.logger, TensorBoardLogger):
+            lines.append(f"Curves:       tensorboard --logdir {self.trainer.logger.save_dir}")
+        print("\n".join(lines))
+
+    def after_validate(self) -> None:
+        """The validation metrics."""
+        metrics = self.trainer.callback_metrics
+        if self.trainer.is_global_zero and "val/acc" in metrics:
+            print(f"Validation accuracy {float(metrics['val/acc']):.4f}, loss {float(metrics['val/loss']):.4f}")
+
+    def after_test(self) -> None:
+        """The test accuracy and macro-F1, and where the report is."""
+        if not self.trainer.is_global_zero:
+            return
+        report = next((c for c in self.trainer.callbacks if isinstance(c, TestReport)), None)
+        if report is not None and report.report_dir is not None:
+            m = report.metrics
+            print(
+                f"Test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['num_test_images']:,} images"
+                f"\nReport: {report.report_dir}"
+            )
+        elif "test/acc" in self.trainer.callback_metrics:
+            metrics = self.trainer.callback_metrics
+            print(f"Test accuracy {float(metrics['test/acc']):.4f}, macro-F1 {float(metrics['test/f1']):.4f}")
+
+    def after_predict(self) -> None:
+        """Where the predictions went."""
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionCSVWriter)), None)
+        if self.trainer.is_global_zero and writer is not None and writer.path is not None:
+            print(f"Predictions: {writer.path}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _parents_to_create(run_dir: Path) -> list[Path]:
+    """``run_dir`` and its ancestors that do not exist yet (what a run would create)."""
+    missing = []
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _clean_up_failed_run(run_dir: Path, created: list[Path], before: set[Path]) -> None:
+    """Leave no half-made run: remove what a failed command made, unless it saved a checkpoint to resume."""
+    if created and run_dir in created:
+        if not any(run_dir.rglob("*.ckpt")):
+            for path in created:  # innermost first: the run folder, then parents made for it
+                if path == run_dir:
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+        return
+    remove_new(run_dir, before)
+
+
+def _check_state_dict(task: LightningModule, checkpoint: dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the configured network (names or shapes)."""
+    expected = {k: tuple(v.shape) for k, v in task.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
+    if expected == saved:
+        return
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    shapes = [
+        f"{k} {saved[k]} vs {expected[k]}" for k in sorted(expected.keys() & saved.keys()) if saved[k] != expected[k]
+    ]
+    details = "; ".join(
+        part
+        for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shapes differ: {', '.join(shapes[:3])}" if shapes else "",
+        )
+        if part
+    )
+    raise CheckpointError(
+        f"checkpoint {path} does not fit the configured network ({details}). Use the config it was trained with "
+        "(its run folder's config.yaml)."
+    )
 
 
 class _ParseOnlyCLI(FashionMNISTCLI):
@@ -156,6 +429,19 @@ class _ParseOnlyCLI(FashionMNISTCLI):
         pass
 
 
+def _make_cli(cli_class: type[FashionMNISTCLI], args: Any) -> FashionMNISTCLI:
+    return cli_class(
+        ClassificationTask,
+        FashionMNISTDataModule,
+        save_config_callback=RunConfigSaver,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": "Fashion-MNIST classification with PyTorch Lightning."},
+        args=args,
+    )
+
+
 def parse_fit_config(fit_args: list[str]) -> Namespace:
     """The resolved ``fit`` configuration of a command line, e.g. ``["--config", "configs/fast.yaml"]``.
 
@@ -164,41 +450,48 @@ def parse_fit_config(fit_args: list[str]) -> Namespace:
     Returns:
         The ``fit`` subcommand's namespace (``cfg.trainer.logger.init_args.save_dir``, ``cfg.data``...).
     """
-    cli = _ParseOnlyCLI(
-        ClassificationTask,
-        FashionMNISTDataModule,
-        save_config_callback=None,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=42,
-        auto_configure_optimizers=False,
-        args=["fit", *fit_args],
-    )
-    return cli.config.fit
+    return _make_cli(_ParseOnlyCLI, ["fit", *fit_args]).config.fit
 
 
-def main(args: list[str] | dict[str, Any] | None = None) -> FashionMNISTCLI | Path:
+def _quiet() -> None:
+    """Silence what is not the user's business: Lightning's advert and a deprecation inside Lightning."""
+
+    class _NoAdverts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoAdverts())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def main(args: list[str] | dict[str, Any] | None = None) -> Any:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
 
-    ``compare RUN_DIR RUN_DIR ...`` compares tested runs (see :mod:`fmnist_lightning.compare`) and
-    returns the folder it wrote; the other subcommands return the LightningCLI.
+    Returns:
+        The LightningCLI for ``fit``/``validate``/``test``/``predict``; a tool's result otherwise
+        (``compare``: the folder it wrote).
 
-    Bad input (missing or corrupt data, impossible values) ends with one line on stderr and exit
-    status 1; bad or unknown config keys end with jsonargparse's message and exit status 2.
+    Bad input ends with one line on stderr and exit status 1 (2 for jsonargparse's own errors,
+    such as an unknown key); ``--debug`` or ``FMNIST_LIGHTNING_DEBUG=1`` raises instead.
     """
+    _quiet()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs on GPUs that have them
-    argv = sys.argv[1:] if args is None else args
+    FashionMNISTCLI.debug = False
     try:
-        if isinstance(argv, list) and argv[:1] == ["compare"]:
-            return compare.main(argv[1:])
-        return FashionMNISTCLI(
-            ClassificationTask,
-            FashionMNISTDataModule,
-            save_config_callback=RunConfigSaver,
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=42,
-            auto_configure_optimizers=False,
-            args=args,
+        cli = _make_cli(FashionMNISTCLI, args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit("fmnist_lightning: interrupted")
+    except Exception as err:
+        if FashionMNISTCLI.debug or os.environ.get(DEBUG_ENV):
+            raise
+        if isinstance(err, FashionMNISTError):
+            sys.exit(f"fmnist_lightning: error: {err}")
+        sys.exit(
+            f"fmnist_lightning: error: {type(err).__name__}: {_first_line(err)} "
+            f"(run with --debug or {DEBUG_ENV}=1 for the traceback)"
         )
-    except FashionMNISTError as err:
-        sys.exit(f"fmnist_lightning: error: {err}")
+    return getattr(cli, "result", cli)

@@ -4,7 +4,6 @@ Each RUN_DIR is a run folder holding ``report/`` (written by ``test``; the newes
 used) or a report folder itself. All runs must have predicted the same test images.
 """
 
-import argparse
 import csv
 import itertools
 import json
@@ -132,16 +131,4 @@ def compare_runs(paths: list[Path], output: Path) -> Path:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(out / "comparison.png", dpi=110)
-    return out
-
-
-def main(argv: list[str]) -> Path:
-    """Parse ``compare``'s arguments, write the comparison and print its markdown."""
-    parser = argparse.ArgumentParser(prog="fmnist_lightning compare", description=__doc__)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (or their report folders)")
-    parser.add_argument("--output", type=Path, default=Path("comparison"), help="folder for the results")
-    args = parser.parse_args(argv)
-    out = compare_runs(args.runs, args.output)
-    print((out / "comparison.md").read_text())
-    print(f"written to {out}/")
     return out

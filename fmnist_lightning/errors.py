@@ -11,3 +11,7 @@ class DataError(FashionMNISTError):
 
 class ConfigError(FashionMNISTError, ValueError):
     """A configuration value is impossible (e.g. ``val_split >= 1`` or ``fold >= num_folds``)."""
+
+
+class CheckpointError(FashionMNISTError):
+    """A checkpoint is missing, unreadable, corrupt, of another model, or cannot be written."""

@@ -1,6 +1,21 @@
-"""Run folders: finding a run's checkpoints, naming new result files, keeping paths inside the log folder."""
+"""Run folders: finding a run's checkpoints, its epoch history, new result names, paths kept inside.
 
+A run folder is what TensorBoardLogger makes: ``<save_dir>/<name>/version_N/`` with ``config.yaml``
+(the resolved config of ``fit``), ``checkpoints/`` (``best-*.ckpt`` and ``last.ckpt``), the
+TensorBoard event files, ``history.csv`` (one row per epoch) and, once tested, ``report/``.
+"""
+
+import csv
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from fmnist_lightning.errors import CheckpointError, ConfigError
+
+HISTORY_FILE = "history.csv"
 
 
 def unused_path(path: Path) -> Path:
@@ -10,3 +25,170 @@ def unused_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     return candidate
+
+
+def check_relative_name(value: object, what: str) -> None:
+    """Refuse a name from user input that would lead outside its parent folder (``../x``, ``/x``).
+
+    Raises:
+        ConfigError: If ``value`` is absolute, empty or has a ``..`` component.
+    """
+    if value is None or isinstance(value, int):
+        return
+    path = Path(str(value))
+    if str(value).strip() == "" or path.is_absolute() or ".." in path.parts:
+        raise ConfigError(
+            f"{what} {str(value)!r} must be a relative name inside the log folder (no '..', not absolute, not empty)."
+        )
+
+
+def check_plain_file_name(value: str, what: str) -> None:
+    """Refuse a file name with a folder part (``a/b.csv``, ``../x.csv``): it is written in the run folder.
+
+    Raises:
+        ConfigError: If ``value`` is not a plain file name.
+    """
+    if not value or Path(value).name != value or value in (".", ".."):
+        raise ConfigError(f"{what} {value!r} must be a plain file name (it is written inside the run folder).")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Check that ``folder`` can be created and written, without leaving anything behind.
+
+    Raises:
+        ConfigError: If the nearest existing ancestor is not a writable folder.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder} cannot be created: {existing} is a file, not a folder.")
+    try:  # a real write: permission bits lie for root, read-only mounts do not show in os.access
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise ConfigError(
+            f"{what} {folder} is not writable ({err.strerror or err} in {existing}); choose another folder."
+        ) from err
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a run folder written by ``fit``."""
+    return (path / "config.yaml").is_file() or (path / "hparams.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def run_dir_of_checkpoint(ckpt: Path) -> Path | None:
+    """The run folder holding ``ckpt`` (``<run>/checkpoints/x.ckpt``), or None if it is not in one."""
+    ckpt = Path(os.path.normpath(ckpt))  # keeps a relative path relative, as the run recorded it
+    if ckpt.parent.name == "checkpoints" and is_run_dir(ckpt.parent.parent):
+        return ckpt.parent.parent
+    return None
+
+
+def latest_run(run_root: Path) -> Path | None:
+    """The ``version_N`` folder with the highest N under ``<save_dir>/<name>`` that has a ``last.ckpt``."""
+    runs = sorted(
+        (int(d.name.removeprefix("version_")), d)
+        for d in run_root.glob("version_*")
+        if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
+    )
+    return runs[-1][1] if runs else None
+
+
+def best_checkpoint(last_ckpt: Mapping) -> str | None:
+    """The best checkpoint path recorded by the ModelCheckpoint state inside a loaded checkpoint."""
+    for key, value in last_ckpt.get("callbacks", {}).items():
+        is_checkpoint_state = key.startswith(("RunCheckpoint", "ModelCheckpoint")) and isinstance(value, Mapping)
+        if is_checkpoint_state and value.get("best_model_path"):
+            return str(value["best_model_path"])
+    return None
+
+
+def find_run_checkpoint(run_root: Path, which: str) -> Path:
+    """Resolve ``best`` or ``last`` to a checkpoint of the latest run under ``run_root``.
+
+    Args:
+        run_root: ``<save_dir>/<name>`` of a TensorBoard logger, holding ``version_N`` folders.
+        which: ``best`` (the checkpoint ModelCheckpoint recorded as best) or ``last``.
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        ConfigError: If no run with a ``last.ckpt`` exists there, or its best checkpoint is gone.
+        CheckpointError: If ``last.ckpt`` is unreadable.
+    """
+    from fmnist_lightning.checkpoints import load_checkpoint
+
+    run = latest_run(run_root)
+    if run is None:
+        raise ConfigError(
+            f"--ckpt_path {which}: no run with checkpoints/last.ckpt under {run_root}. Run `fit` with the same "
+            "config first, or give the checkpoint's path."
+        )
+    last = run / "checkpoints" / "last.ckpt"
+    if which == "last":
+        return last
+    try:
+        recorded = best_checkpoint(load_checkpoint(last))
+    except CheckpointError as err:
+        raise CheckpointError(f"--ckpt_path best: {err} Give the best checkpoint's path instead.") from err
+    if recorded:
+        # The run folder may have moved since: look for the file beside last.ckpt too.
+        for candidate in (Path(recorded), last.parent / Path(recorded).name):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"--ckpt_path best: {last} records no best checkpoint that still exists; give its path.")
+
+
+def snapshot(folder: Path) -> set[Path]:
+    """Every path under ``folder`` (to remove what a failed command added, see :func:`remove_new`)."""
+    return set(folder.rglob("*")) if folder.is_dir() else set()
+
+
+def remove_new(folder: Path, before: set[Path], keep_checkpoints: bool = True) -> None:
+    """Remove what appeared under ``folder`` since ``before`` (checkpoints kept, so a run can resume)."""
+    for path in sorted(snapshot(folder) - before, key=lambda p: len(p.parts)):
+        if keep_checkpoints and (path.suffix == ".ckpt" or path.name == "checkpoints"):
+            continue
+        if path.is_dir() and not any(p.suffix == ".ckpt" for p in path.rglob("*")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.suffix != ".ckpt":
+            path.unlink(missing_ok=True)
+
+
+def append_history(run_dir: Path, row: Mapping[str, float]) -> None:
+    """Append one epoch's metrics to ``<run_dir>/history.csv`` (new columns start a new header)."""
+    file = run_dir / HISTORY_FILE
+    rows = read_history(run_dir)
+    keys = list(dict.fromkeys([*(k for r in rows for k in r), *row]))
+    if rows and keys != list(rows[0]):  # a column appeared: rewrite with the wider header
+        rows.append(dict(row))
+        _write_history(file, keys, rows)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new = not file.is_file()
+    with file.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        if new:
+            writer.writeheader()
+        writer.writerow(dict(row))
+
+
+def _write_history(file: Path, keys: Iterable[str], rows: list[Mapping[str, float]]) -> None:
+    tmp = file.with_name(f".{file.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(keys))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(file)
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """The per-epoch rows of ``history.csv``, one per epoch (a redone epoch after a resume counts once)."""
+    file = run_dir / HISTORY_FILE
+    if not file.is_file():
+        return []
+    with file.open(newline="") as f:
+        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    by_epoch = {int(r.get("epoch", i)): r for i, r in enumerate(rows)}
+    return [by_epoch[e] for e in sorted(by_epoch)]

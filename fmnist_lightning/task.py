@@ -12,13 +12,15 @@ from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from fmnist_lightning.errors import ConfigError
+
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler | ReduceLROnPlateau]
 # Schedulers whose step() is meant to run after every batch rather than every epoch.
 _PER_STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
 
 
-def _needs_total_steps(factory: Callable) -> bool:
+def needs_total_steps(factory: Callable) -> bool:
     """Whether a scheduler factory (e.g. for OneCycleLR) still lacks its number of steps."""
     keywords = getattr(factory, "keywords", None) or {}
     if "total_steps" in keywords:  # jsonargparse's partial lists every argument of the class
@@ -60,7 +62,7 @@ class ClassificationTask(LightningModule):
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         # From the CLI, the hyper-parameters are the config (class paths and init args), so
         # load_from_checkpoint rebuilds the network alone. Objects handed over in Python cannot be
         # stored that way and are dropped; pass model=... to load_from_checkpoint then.
@@ -112,7 +114,15 @@ class ClassificationTask(LightningModule):
         loss, logits, y = self._shared_step(batch, stage)
         metrics.update(logits, y)
         # Epoch-level only: Lightning accumulates on the device, so no host sync per step.
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(y),
+            prog_bar=stage == "val",
+            sync_dist=True,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True)
         # Callbacks (confusion matrix, report) read the logits from the step's output.
         return {"loss": loss, "logits": logits.detach(), "targets": y}
@@ -129,11 +139,36 @@ class ClassificationTask(LightningModule):
         """Accumulate test loss, accuracy and macro-F1; the logits go on to callbacks."""
         return self._log_step(batch, "test", self.test_metrics)
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Probabilities, predicted class and (where known) the true label of each image."""
-        x, y = batch
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Probabilities, predicted class and (where known) the true label of each image.
+
+        ``batch`` is ``(images, labels)`` for dataset images, or ``(images, None, files)`` for the
+        user's images (``predict_dir``); the output then has ``labels`` None and the ``files``.
+        """
+        x, y, *files = batch
         probs = self.predict_proba(x)
-        return {"probs": probs, "preds": probs.argmax(dim=1), "labels": y}
+        out = {"probs": probs, "preds": probs.argmax(dim=1), "labels": y}
+        if files:
+            out["files"] = files[0]
+        return out
+
+    def on_train_start(self) -> None:
+        """Refuse a one-cycle schedule that would run out of steps (e.g. a resume with more epochs)."""
+        steps = int(self.trainer.estimated_stepping_batches)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, OneCycleLR) and steps > scheduler.total_steps:
+                resumed = self.trainer.ckpt_path is not None
+                raise ConfigError(
+                    f"OneCycleLR was built for {scheduler.total_steps} steps"
+                    + (" by the run being resumed" if resumed else "")
+                    + f", but this fit takes {steps} (max_epochs, batch size or limit_train_batches "
+                    + (
+                        "changed since; resume with the run's own values (its config.yaml), or start a new run)."
+                        if resumed
+                        else "differ from total_steps; leave total_steps unset to fit the run)."
+                    )
+                )
 
     def configure_optimizers(self) -> Any:
         """The optimizer, and the scheduler with the interval and monitor it needs."""
@@ -141,7 +176,7 @@ class ClassificationTask(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if _needs_total_steps(self.scheduler_factory):
+        if needs_total_steps(self.scheduler_factory):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
