@@ -38,7 +38,7 @@ VAL_SPLIT, SEED = 5000, 42
 def build_model(name: str) -> torch.nn.Module:
     from fmnist_lightning import models
 
-    return getattr(models, name)()
+    return models.build(name)
 
 
 def make_optimizer(params) -> torch.optim.Optimizer:

@@ -178,7 +178,7 @@ class TestReport(Callback):
             if _has_test_set(trainer):  # one real test image, converted as the data module feeds the model
                 example = trainer.datamodule.transform(trainer.datamodule.test_set.images[:1], train=False)
             self.metrics = {
-                "model": type(getattr(pl_module, "model", pl_module)).__name__,
+                "model": model_name(getattr(pl_module, "model", pl_module)),
                 "checkpoint": str(ckpt) if ckpt else None,
                 "num_test_images": len(targets),
                 **{k: results[k] for k in ("accuracy", "macro_f1", "loss", "expected_calibration_error")},
@@ -238,6 +238,11 @@ class TestReport(Callback):
         if any("val/acc" in row for row in history):
             figures["training_curves"] = curves_figure(history)
         return figures
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The network's name for reports: a ConvNet preset's name (``FashionCNN``), else its class name."""
+    return getattr(model, "name", None) or type(model).__name__
 
 
 def _has_test_set(trainer: Trainer) -> bool:

@@ -5,7 +5,8 @@ import torch
 
 from fmnist_lightning import ConfigError, models
 
-ALL_MODELS = [getattr(models, name) for name in models.__all__]
+ALL_MODELS = list(models.MODEL_CLASSES)
+MODEL_IDS = [cls.__name__ for cls in ALL_MODELS]
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -19,7 +20,7 @@ def documented_params(model_cls: type) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=models.__all__)
+@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=MODEL_IDS)
 def test_output_shape_and_backward(model_cls):
     model = model_cls()
     x = torch.randn(4, 1, 28, 28, requires_grad=True)
@@ -30,19 +31,38 @@ def test_output_shape_and_backward(model_cls):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=models.__all__)
+@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=MODEL_IDS)
 def test_constructor_shape(model_cls):
     model = model_cls(num_classes=7, in_channels=3)
     assert model(torch.randn(2, 3, 28, 28)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=models.__all__)
+@pytest.mark.parametrize("model_cls", ALL_MODELS, ids=MODEL_IDS)
 def test_parameter_count_is_the_documented_one(model_cls):
     assert n_params(model_cls()) == documented_params(model_cls)
 
 
+@pytest.mark.parametrize("preset", list(models.PRESETS))
+def test_every_preset_has_its_documented_parameters_and_shape(preset):
+    model = models.build(preset)
+    assert n_params(model) == models.PRESET_PARAMETERS[preset]
+    assert f"{models.PRESET_PARAMETERS[preset]:,} parameters" in models.convnet.__doc__
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model.name == preset
+
+
 def test_lightweight_cnn_has_exactly_study_004s_parameters():
-    assert n_params(models.LightweightCNN()) == 20_490
+    assert n_params(models.build("LightweightCNN")) == 20_490
+
+
+def test_explicit_arguments_override_a_preset():
+    shallow = models.ConvNet(preset="FashionCNNShallow", widths=(8, 16))
+    convs = [m for m in shallow.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(8, (5, 5)), (16, (5, 5))]
+    with pytest.raises(ValueError, match="unknown ConvNet preset"):
+        models.ConvNet(preset="Nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build("Nope")
 
 
 def test_tinyvgg_variants_are_arguments():
@@ -57,12 +77,12 @@ def test_tinyvgg_variants_are_arguments():
 
 
 def test_fashion_cnn_dropout_switch_and_fc_size():
-    cnn = models.FashionCNN()
+    cnn = models.build("FashionCNN")
     fc1 = next(m for m in cnn.modules() if isinstance(m, torch.nn.Linear))
     assert (fc1.in_features, fc1.out_features) == (6272, 256)
     assert [m.p for m in cnn.modules() if isinstance(m, torch.nn.Dropout)] == [0.25]
     x = torch.randn(8, 1, 28, 28)
-    with_dropout, no_dropout = cnn.train(), models.FashionCNN(dropout=0.0).train()
+    with_dropout, no_dropout = cnn.train(), models.build("FashionCNN", dropout=0.0).train()
     assert not torch.equal(with_dropout(x), with_dropout(x))
     assert torch.equal(no_dropout(x), no_dropout(x))  # BN in train mode is deterministic
 
