@@ -16,7 +16,7 @@ from torch.utils.tensorboard.summary import hparams
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import DataError
 from fmnist_lightning.predictions import PredictionsWriter
-from fmnist_lightning.runs import append_history, unused_path
+from fmnist_lightning.runs import append_history, trainer_run_dir, unused_path
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -25,8 +25,8 @@ class PredictionCSVWriter(BasePredictionWriter):
     The layout is :mod:`fmnist_lightning.predictions`'s (index, file, label, predicted class, its
     probability, the top-3, every class probability): test-set images have their label and no file;
     the user's images (``--data.predict_dir``) have their path and an empty label. The file appears
-    under its name, complete, when ``predict`` ends, and its path is printed. If not one image could
-    be read, nothing is written and :class:`~fmnist_lightning.errors.DataError` ends the run.
+    under its name, complete, when ``predict`` ends (``path`` is then set). If not one image could be
+    read, nothing is written and :class:`~fmnist_lightning.errors.DataError` ends the run.
 
     Args:
         filename: File name inside the run's log directory; an existing file is never overwritten
@@ -44,8 +44,8 @@ class PredictionCSVWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Pick a free file name in the run folder and start writing under a temporary name."""
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self.path = unused_path(log_dir / self.filename)
-        self._writer = PredictionsWriter(self.path, self.class_names).open()
+        self.path = None
+        self._writer = PredictionsWriter(unused_path(log_dir / self.filename), self.class_names).open()
 
     def write_on_batch_end(
         self,
@@ -62,7 +62,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             self._writer.write(prediction["probs"], labels=prediction["labels"], files=prediction.get("files"))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Put the file in place and print its path, or refuse an empty result."""
+        """Put the file in place (``path``), or refuse an empty result."""
         writer, self._writer = self._writer, None
         if writer is None:
             return
@@ -74,7 +74,7 @@ class PredictionCSVWriter(BasePredictionWriter):
                 "nothing was written."
             )
         writer.close()
-        print(f"Predictions of {writer.rows} images written to {self.path}")
+        self.path = writer.path
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Remove the unfinished file: a failed run leaves no partial CSV."""
@@ -107,12 +107,12 @@ class EpochTimer(Callback):
         if trainer.sanity_checking:
             return
         self._val_seconds = time.perf_counter() - self._val_start
-        pl_module.log("time/val_epoch_s", self._val_seconds, on_step=False, on_epoch=True)
+        pl_module.log("time/val_epoch_s", self._val_seconds, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the training time of the epoch, validation excluded."""
         seconds = time.perf_counter() - self._train_start - self._val_seconds
-        pl_module.log("time/train_epoch_s", seconds, on_step=False, on_epoch=True)
+        pl_module.log("time/train_epoch_s", seconds, on_step=False, on_epoch=True, sync_dist=True)
 
 
 class EarlyStopping(LightningEarlyStopping):
@@ -158,7 +158,8 @@ class MetricsHistory(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the epoch's row (rank 0; skipped when there is no run folder)."""
-        if not trainer.is_global_zero or trainer.log_dir is None or not trainer.loggers:
+        run_dir = trainer_run_dir(trainer)
+        if not trainer.is_global_zero or run_dir is None:
             return
         metrics = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -166,7 +167,7 @@ class MetricsHistory(Callback):
         lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
         if lrs:
             row["lr"] = lrs[0]
-        append_history(Path(trainer.log_dir), row)
+        append_history(run_dir, row)
 
 
 class HParamsLogger(Callback):

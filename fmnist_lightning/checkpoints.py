@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fmnist_lightning.errors import CheckpointError
+from fmnist_lightning.runs import new_file_mode
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -39,6 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             tmp = Path(name)
+            os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

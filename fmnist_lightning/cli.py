@@ -45,6 +45,7 @@ from fmnist_lightning.runs import (
     remove_new,
     run_dir_of_checkpoint,
     snapshot,
+    trainer_run_dir,
     unused_path,
 )
 from fmnist_lightning.task import ClassificationTask, needs_total_steps
@@ -276,8 +277,7 @@ class FashionMNISTCLI(LightningCLI):
             self.result = TOOLS[subcommand].run(self.config[subcommand])
             return
         self._check_before_run(subcommand)
-        logger = self.trainer.logger
-        run_dir = Path(self.trainer.log_dir) if logger is not None and self.trainer.log_dir else None
+        run_dir = trainer_run_dir(self.trainer)
         created = [p for p in _parents_to_create(run_dir)] if run_dir else []
         before = snapshot(run_dir) if run_dir else set()
         try:
@@ -293,8 +293,9 @@ class FashionMNISTCLI(LightningCLI):
             self._check_optimizer()
         if self.checkpoint is not None:
             _check_state_dict(self.model, self.checkpoint, self._get(self.config, "ckpt_path"))
-        if self.trainer.logger is not None and self.trainer.log_dir:
-            check_writable(Path(self.trainer.log_dir), "log folder")
+        run_dir = trainer_run_dir(self.trainer)
+        if run_dir is not None:
+            check_writable(run_dir, "log folder")
         self.datamodule.prepare_data()  # finds (or stages) the data files now, not inside the run
 
     def _check_optimizer(self) -> None:
@@ -315,16 +316,16 @@ class FashionMNISTCLI(LightningCLI):
     # --- telling the user what happened -------------------------------------------------------
     def after_fit(self) -> None:
         """Where the run went, its best checkpoint, and what to run next."""
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        run = trainer_run_dir(self.trainer)
+        if not self.trainer.is_global_zero or run is None:
             return
-        run = Path(self.trainer.log_dir)
         lines = [f"Run folder: {run}"]
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "")
         if best:
             lines.append(f"Best checkpoint: {best} (val/acc {float(ckpt.best_model_score):.4f})")
         if getattr(ckpt, "last_model_path", ""):
-            lines.append(f"Last checkpoint: {ckpt.last_model_path} ({self.trainer.current_epoch} epochs trained)")
+            lines.append(f"Last checkpoint: {ckpt.last_model_path} (epochs trained: {self.trainer.current_epoch})")
         if best:
             config = run / "config.yaml"
             lines.append(f"Test it:      python -m fmnist_lightning test --config {config} --ckpt_path {best}")

@@ -7,12 +7,13 @@ used) or a report folder itself. All runs must have predicted the same test imag
 import csv
 import itertools
 import json
-import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fmnist_lightning import stats
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.runs import unused_path
 
 COLUMNS = (
@@ -33,17 +34,16 @@ def mcnemar_exact(b: int, c: int) -> float:
         c: Test images the first model gets wrong and the second right.
 
     Returns:
-        ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Binomial(b + c, 1/2)``.
+        ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Binomial(b + c, 1/2)``, from
+        :func:`fmnist_lightning.stats.mcnemar_exact` (scipy's exact binomial test).
     """
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return stats.mcnemar_exact(b, c)
 
 
 def find_report(path: Path) -> Path:
     """The report folder of a run folder (the newest ``report*``), or ``path`` if it is one."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder: give run folders (or their report folders) to compare.")
     if (path / "metrics.json").is_file():
         return path
     reports = sorted(
@@ -54,15 +54,17 @@ def find_report(path: Path) -> Path:
     return reports[-1]
 
 
-def load_predictions(report: Path) -> tuple[list[int], list[int], list[int]]:
-    """Test index, label and predicted class of every row of ``predictions.csv``."""
-    file = report / "predictions.csv"
+def load_metrics(report: Path) -> dict:
+    """The report's ``metrics.json``, checked for what the comparison needs."""
+    file = report / "metrics.json"
     try:
-        with file.open() as f:
-            rows = list(csv.DictReader(f))
-        return [int(r["index"]) for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
-    except (OSError, KeyError, ValueError) as err:
-        raise ConfigError(f"{file} is missing or unreadable ({err}); run `test` again.") from err
+        metrics = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); run `test` on that run again.") from err
+    numbers = ("accuracy", "macro_f1")
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), int | float) for k in numbers):
+        raise ConfigError(f"{file} lacks {' and '.join(numbers)}: not a test report; run `test` on that run again.")
+    return metrics
 
 
 def compare_runs(paths: list[Path], output: Path) -> Path:
@@ -81,15 +83,20 @@ def compare_runs(paths: list[Path], output: Path) -> Path:
     if len(paths) < 2:
         raise ConfigError("compare needs at least two runs.")
     reports = [find_report(p) for p in paths]
+    seen: dict[Path, Path] = {}
+    for path, report in zip(paths, reports, strict=True):
+        if report.resolve() in seen:
+            raise ConfigError(f"{path} and {seen[report.resolve()]} are the same report: give each run once.")
+        seen[report.resolve()] = path
     names = [str(p) for p in paths]
-    metrics = [json.loads((r / "metrics.json").read_text()) for r in reports]
-    predictions = [load_predictions(r) for r in reports]
-    reference_index, reference_labels, _ = predictions[0]
-    for name, (index, labels, _) in zip(names[1:], predictions[1:], strict=True):
-        if index != reference_index or labels != reference_labels:
+    metrics = [load_metrics(r) for r in reports]
+    predictions = [read_predictions(r / "predictions.csv") for r in reports]
+    reference = predictions[0]
+    for name, other in zip(names[1:], predictions[1:], strict=True):
+        if other.index != reference.index or other.labels != reference.labels:
             raise ConfigError(
-                f"{name} and {names[0]} did not predict the same test images ({len(index)} vs "
-                f"{len(reference_index)} rows, or different labels): compare runs tested on the full test set."
+                f"{name} and {names[0]} did not predict the same test images ({len(other.index)} vs "
+                f"{len(reference.index)} rows, or different labels): compare runs tested on the full test set."
             )
     out = unused_path(output)
     out.mkdir(parents=True)
@@ -101,7 +108,7 @@ def compare_runs(paths: list[Path], output: Path) -> Path:
 
     tests = []
     for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
-        labels, pred_a, pred_b = predictions[i][1], predictions[i][2], predictions[j][2]
+        labels, pred_a, pred_b = predictions[i].labels, predictions[i].preds, predictions[j].preds
         a_only = sum(pa == y != pb for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
         b_only = sum(pb == y != pa for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
         tests.append([a, b, a_only, b_only, mcnemar_exact(a_only, b_only)])

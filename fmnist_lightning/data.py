@@ -381,6 +381,11 @@ class FashionMNISTDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Find, stage or download the files (Lightning calls this on one process only); parsing is in setup."""
+        # Predicting the user's images needs no Fashion-MNIST file. (No stage yet: before a run, as the
+        # CLI checks; a fit with predict_dir set still finds the data in its own prepare_data.)
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        if self.predict_dir is not None and stage in (None, "predict"):
+            return
         locate_fashion_mnist(self.data_dir, self.system_dir, self.download)
 
     def split_indices(self, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.runs import new_file_mode
 
 TOP_K = 3
 
@@ -60,10 +61,15 @@ class PredictionsWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> "PredictionsWriter":
+        return self.open()
+
+    def open(self) -> "PredictionsWriter":
+        """Start the file (under a temporary name); for use without ``with``, paired with :meth:`close`."""
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists; predictions are never written over an earlier file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, new_file_mode())
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "w", newline="")
         self._writer = csv.writer(self._file)
@@ -86,7 +92,7 @@ class PredictionsWriter:
             indices: Index of each image in its dataset; by default the running row count.
         """
         if self._file is None:
-            raise RuntimeError("use PredictionsWriter as a context manager")
+            raise RuntimeError("use PredictionsWriter as a context manager (or call open() first)")
         probs = probs.detach().float().cpu()
         n = len(probs)
         top_p, top_i = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
@@ -105,10 +111,14 @@ class PredictionsWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close(discard=exc_type is not None)
+
+    def close(self, discard: bool = False) -> None:
+        """Rename the finished file into place, or remove it if ``discard`` (the run failed)."""
         if self._file is None or self._tmp is None:
             return
         self._file.close()
-        if exc_type is None and not self.path.exists():
+        if not discard and not self.path.exists():
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)

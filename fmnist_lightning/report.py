@@ -38,7 +38,7 @@ from fmnist_lightning.data import CLASS_NAMES, shard_indices
 from fmnist_lightning.evaluation import add_figure, confusion_figure, curves_figure, image_grid
 from fmnist_lightning.predictions import write_predictions
 from fmnist_lightning.profiling import inference_speed, peak_memory
-from fmnist_lightning.runs import read_history, unused_path
+from fmnist_lightning.runs import read_history, trainer_run_dir, unused_path
 
 
 def summary_metrics(probs: Tensor, targets: Tensor, num_classes: int) -> dict[str, Any]:
@@ -156,7 +156,7 @@ class TestReport(Callback):
         names = self.class_names
         results = summary_metrics(probs, targets, len(names))
         preds = probs.argmax(dim=1)
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = trainer_run_dir(trainer) or Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         # Written in a hidden folder, renamed when complete: a failed test leaves no half report.
         tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=run_dir))
@@ -214,7 +214,7 @@ class TestReport(Callback):
     ) -> dict[str, Figure]:
         names = self.class_names
         figures = {"confusion_matrix": confusion_figure(results["confmat"], names, "test")}
-        roc = MulticlassROC(len(names))
+        roc = MulticlassROC(len(names), sync_on_compute=False)  # rank 0 alone: syncing would wait for ever
         roc.update(probs, targets)
         fig = Figure(figsize=(8, 7), layout="constrained")
         ax = fig.subplots()
@@ -234,7 +234,7 @@ class TestReport(Callback):
                 [f"{names[preds[i]]} {probs[i].max():.2f}" for i in sample.tolist()],
                 ["green" if preds[i] == targets[i] else "red" for i in sample.tolist()],
             )
-        history = read_history(Path(trainer.log_dir or trainer.default_root_dir))
+        history = read_history(trainer_run_dir(trainer) or Path(trainer.default_root_dir))
         if any("val/acc" in row for row in history):
             figures["training_curves"] = curves_figure(history)
         return figures

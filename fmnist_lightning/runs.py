@@ -12,8 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fmnist_lightning.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 HISTORY_FILE = "history.csv"
 
@@ -25,6 +29,17 @@ def unused_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     return candidate
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0666 less the umask).
+
+    ``tempfile.mkstemp``, used for atomic writes, makes its files 0600; a checkpoint or CSV renamed
+    into place from one should be readable as any other result.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_relative_name(value: object, what: str) -> None:
@@ -69,6 +84,19 @@ def check_writable(folder: Path, what: str) -> None:
         raise ConfigError(
             f"{what} {folder} is not writable ({err.strerror or err} in {existing}); choose another folder."
         ) from err
+
+
+def trainer_run_dir(trainer: "Trainer") -> Path | None:
+    """The run folder of a Trainer's logger, or None without a logger.
+
+    ``Trainer.log_dir`` broadcasts from rank 0 under DDP, a collective: called from code that only
+    rank 0 runs, it waits for the other ranks for ever. The logger's own ``log_dir`` is local.
+    """
+    logger = trainer.logger
+    if logger is None:
+        return None
+    folder = getattr(logger, "log_dir", None) or logger.save_dir
+    return Path(folder) if folder else None
 
 
 def is_run_dir(path: Path) -> bool:

@@ -1,0 +1,272 @@
+"""Export a trained network to ONNX or TorchScript, with its input normalisation built in.
+
+The exported model takes raw grey images in [0, 1], ``(B, 1, 28, 28)`` float32 with any batch size
+``B``, and returns ``(B, num_classes)`` logits: whoever runs it needs no knowledge of the dataset's
+mean and std. When the task predicts with flip test-time augmentation (``tta_flip``), that is built
+in too, so the exported model predicts exactly as ``test`` and ``predict`` do; its outputs are then
+the log of the averaged probabilities (logits whose softmax is the averaged softmax).
+
+Every export is checked before it gets its final name: ``onnx.checker``, then the file is run (by
+onnxruntime, or ``torch.jit.load`` for TorchScript) on two batch sizes and compared with the PyTorch
+network within :data:`TOLERANCE`. An existing file is never overwritten: a numbered name is used
+instead (:func:`fmnist_lightning.runs.unused_path`), and the path written is returned.
+"""
+
+import importlib
+import os
+import uuid
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fmnist_lightning.checkpoints import load_checkpoint
+from fmnist_lightning.data import NORMALIZATIONS
+from fmnist_lightning.errors import CheckpointError, ConfigError
+from fmnist_lightning.runs import unused_path
+from fmnist_lightning.task import ClassificationTask
+
+ExportFormat = Literal["onnx", "torchscript"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+#: ONNX opset: 18 is the oldest the dynamo exporter writes, run by onnxruntime 1.14 and later.
+ONNX_OPSET = 18
+#: Largest absolute logit difference allowed between the exported model and PyTorch (float32 on
+#: CPU differs by about 1e-6 for these networks, from the order of the sums).
+TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+_ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+class NormalizedClassifier(nn.Module):
+    """A network with its input normalisation (and optionally flip TTA) in front: raw images in, logits out.
+
+    Args:
+        network: The classifier, on normalised images ``(B, 1, 28, 28)``.
+        mean: Mean subtracted from the raw [0, 1] pixels.
+        std: Standard deviation the pixels are divided by.
+        tta_flip: Average the softmax of each image and its mirror, and return its log.
+        channels_last: Feed the network NHWC tensors, as it was trained (TorchScript keeps this;
+            ONNX has no memory format).
+    """
+
+    def __init__(self, network: nn.Module, mean: float, std: float, tta_flip: bool, channels_last: bool) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        self.tta_flip = tta_flip
+        self.channels_last = channels_last
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of raw grey images ``(B, 1, 28, 28)`` in [0, 1]."""
+        x = (images - self.mean) / self.std
+        logits = self._logits(x)
+        if not self.tta_flip:
+            return logits
+        # As ClassificationTask.predict_proba: mean of the two softmaxes; its log keeps the argmax.
+        probs = (logits.softmax(dim=1) + self._logits(x.flip(-1)).softmax(dim=1)) / 2
+        return probs.clamp_min(1e-12).log()
+
+
+def load_task(checkpoint: str | Path) -> tuple[ClassificationTask, str]:
+    """Rebuild the task of a CLI checkpoint on the CPU, in eval mode, with its data normalisation.
+
+    Args:
+        checkpoint: A ``.ckpt`` written by ``fit`` (it holds the model's and the data's configuration).
+
+    Returns:
+        The task and the name of its normalisation (a key of :data:`fmnist_lightning.data.NORMALIZATIONS`).
+
+    Raises:
+        CheckpointError: If the file is missing, is not a Lightning checkpoint, or does not hold the
+            configuration that rebuilds the network and names its normalisation.
+    """
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    normalization = (state.get("datamodule_hyper_parameters") or {}).get("normalization")
+    if normalization not in NORMALIZATIONS:
+        raise CheckpointError(
+            f"{path} does not record the data normalisation its network was trained with (a checkpoint of a "
+            "task trained without FashionMNISTDataModule?); export it with export_task(task, normalization=...)."
+        )
+    try:
+        task = ClassificationTask.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:  # no model config (TypeError, jsonargparse errors), other weights (RuntimeError)
+        raise CheckpointError(
+            f"{path} cannot rebuild its network ({type(err).__name__}: {str(err).strip().splitlines()[0]}); "
+            "a task built in Python needs ClassificationTask.load_from_checkpoint(path, model=...) and export_task."
+        ) from err
+    return task.eval(), normalization
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    """Import onnx and onnxruntime (and check onnxscript, which the exporter needs), or explain."""
+    modules = {}
+    for name in _ONNX_PACKAGES:
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(
+                f"ONNX export needs the packages {', '.join(_ONNX_PACKAGES)} ({name} is not installed: {err}); "
+                "install them with `pip install 'fmnist_lightning[export]'`."
+            ) from err
+    return modules["onnx"], modules["onnxruntime"]
+
+
+def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+    onnx, _ = _require_onnx()
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"images": {0: batch}},
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        external_data=False,  # one self-contained file: these networks are far below protobuf's 2 GB
+        verbose=False,
+    )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _write_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is what the issue asks for and
+        # what C++ (libtorch) and older deployments load; the warning would only repeat that.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=Warning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(path))
+
+
+def load_exported(path: str | Path) -> Callable[[Tensor], Tensor]:
+    """Load an exported model as a function from raw images ``(B, 1, 28, 28)`` in [0, 1] to logits.
+
+    The format is recognised from the content: TorchScript files are zip archives, ONNX files are
+    not. ONNX models run with onnxruntime on the CPU.
+
+    Raises:
+        ConfigError: If the file is missing, or is ONNX and onnxruntime is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"exported model {path} does not exist.")
+    if zipfile.is_zipfile(path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=Warning)
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run_torchscript(images: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return module(images.float())
+
+        return run_torchscript
+    _, ort = _require_onnx()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run_onnx(images: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {name: images.detach().float().cpu().numpy()})[0])
+
+    return run_onnx
+
+
+def export_task(
+    task: ClassificationTask,
+    format: ExportFormat,
+    output: str | Path,
+    normalization: str = "dataset",
+    tta_flip: bool | None = None,
+) -> Path:
+    """Export a task's network with its input normalisation built in (see the module docstring).
+
+    Args:
+        task: The trained task (moved to the CPU and put in eval mode).
+        format: ``onnx`` or ``torchscript``.
+        output: The file to write; if it exists, a numbered name beside it (``model_1.onnx``...).
+        normalization: The data module's ``normalization`` the network was trained with.
+        tta_flip: Build in flip test-time augmentation; None follows ``task.tta_flip``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: For an unknown format or normalisation, or ONNX export without its packages.
+        RuntimeError: If the exported model does not reproduce PyTorch's logits within :data:`TOLERANCE`.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}.")
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}.")
+    if format == "onnx":
+        _require_onnx()  # before any work, so a missing package is the first and only message
+    mean, std = NORMALIZATIONS[normalization]
+    tta = task.tta_flip if tta_flip is None else tta_flip
+    model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last).cpu().eval()
+    target = unused_path(Path(output))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written and checked under a temporary name beside the target: a failed export leaves nothing.
+    # (A name rather than mkstemp's file, which would keep mode 0600 instead of the umask's.)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        example = torch.rand(2, 1, 28, 28)
+        with torch.no_grad():
+            (_write_onnx if format == "onnx" else _write_torchscript)(model, example, tmp)
+            run = load_exported(tmp)
+            for batch in (1, 5):  # another batch size than the example's: the batch axis is dynamic
+                images = torch.rand(batch, 1, 28, 28)
+                diff = (run(images) - model(images)).abs().max().item()
+                if not diff <= TOLERANCE:
+                    raise RuntimeError(
+                        f"the exported {format} model's logits differ from PyTorch's by {diff:.3g} "
+                        f"(> {TOLERANCE}) at batch size {batch}; nothing was written."
+                    )
+        if target.exists():  # taken while we exported
+            target = unused_path(target)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    format: ExportFormat = "onnx",
+    output: str | Path | None = None,
+    tta_flip: bool | None = None,
+) -> Path:
+    """Export the network of a CLI checkpoint, normalisation built in (see :func:`export_task`).
+
+    Args:
+        ckpt_path: A ``.ckpt`` written by ``fit``.
+        format: ``onnx`` or ``torchscript``.
+        output: The file to write; by default the checkpoint's path with ``.onnx`` or ``.pt``. If
+            it exists, a numbered name beside it is used (``model_1.onnx``...): never overwritten.
+        tta_flip: Build in flip test-time augmentation; None follows the checkpoint's ``tta_flip``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: For a missing or unreadable checkpoint, or one that cannot rebuild its network.
+        ConfigError: For an unknown format, or ONNX export without the onnx, onnxruntime and
+            onnxscript packages.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}.")
+    if format == "onnx":
+        _require_onnx()
+    task, normalization = load_task(ckpt_path)
+    output = Path(ckpt_path).with_suffix(SUFFIXES[format]) if output is None else output
+    return export_task(task, format, output, normalization=normalization, tta_flip=tta_flip)
