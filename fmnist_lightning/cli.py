@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import torch
 from jsonargparse import Namespace
@@ -51,7 +51,13 @@ from fmnist_lightning.runs import (
 from fmnist_lightning.task import ClassificationTask, needs_total_steps
 
 DEBUG_ENV = "FMNIST_LIGHTNING_DEBUG"
-TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+STAGE_HELP = {
+    "fit": "Train a model (or resume a run with --ckpt_path last); checkpoints and logs in its run folder.",
+    "validate": "Evaluate a checkpoint on the validation split of the 60k training images.",
+    "test": "Evaluate a checkpoint on the 10k test set and write a report into its run folder.",
+    "predict": "Predict the test set, or your own images with --data.predict_dir, into a CSV.",
+}
+TRAINER_SUBCOMMANDS = tuple(STAGE_HELP)
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -90,6 +96,19 @@ class RunConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class CLIParser(LightningArgumentParser):
+    """jsonargparse's parser, with its errors on one line instead of the whole usage of ``fit`` (100+ lines)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """One line on stderr and exit status 2 (jsonargparse's behaviour otherwise)."""
+        if not self.exit_on_error or FashionMNISTCLI.debug or os.environ.get(DEBUG_ENV):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"fmnist_lightning: error: {' '.join(message.split())} (options: {prog} --help)\n")
+        self.exit(2)
+
+
 @dataclass
 class Tool:
     """A subcommand that is not a Trainer method: how to add its arguments and how to run it."""
@@ -111,8 +130,28 @@ def _compare(cfg: Namespace) -> Path:
     return out
 
 
+def _export_arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument("--ckpt_path", type=str, required=True, help="A checkpoint written by fit.")
+    parser.add_argument("--format", type=Literal["onnx", "torchscript"], default="onnx", help="Export format.")
+    parser.add_argument(
+        "--output", type=str | None, default=None, help="File to write (default: the checkpoint's name, new suffix)."
+    )
+    parser.add_argument(
+        "--tta_flip", type=bool | None, default=None, help="Build in flip averaging (default: as the checkpoint)."
+    )
+
+
+def _export(cfg: Namespace) -> Path:
+    from fmnist_lightning.export import export_checkpoint  # onnx is an optional extra: import on use
+
+    path = export_checkpoint(cfg.ckpt_path, cfg.format, cfg.output, cfg.tta_flip)
+    print(f"Exported ({cfg.format}, raw [0, 1] grey (B, 1, 28, 28) in, logits out): {path}")
+    return path
+
+
 TOOLS: dict[str, Tool] = {
     "compare": Tool("Compare tested runs: table, chart and McNemar tests.", _compare_arguments, _compare),
+    "export": Tool("Export a checkpoint's network to ONNX or TorchScript.", _export_arguments, _export),
 }
 
 
@@ -129,12 +168,17 @@ class FashionMNISTCLI(LightningCLI):
         return parser
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Trainer subcommands as LightningCLI adds them, then the tools."""
-        super()._add_subcommands(parser, **kwargs)
+        """Trainer subcommands as LightningCLI adds them (with one-line descriptions), then the tools."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        action = parser.add_subcommands()
+        for name, description in STAGE_HELP.items():
+            sub_kwargs = {"description": description, **kwargs.get(name, {})}
+            self._subcommand_parsers[name] = self._prepare_subcommand_parser(self.trainer_class, name, **sub_kwargs)
+            action.add_subcommand(name, self._subcommand_parsers[name], help=description)
         for stage in ("validate", "test"):  # our summary replaces the 35-row results table
             self._subcommand_parsers[stage].set_defaults(verbose=False)
         for name, tool in TOOLS.items():
-            sub = LightningArgumentParser(description=tool.help)
+            sub = CLIParser(description=tool.help, prog=f"{parser.prog} {name}")
             tool.add_arguments(sub)
             self._subcommand_parsers[name] = sub
             parser._subcommands_action.add_subcommand(name, sub, help=tool.help)
@@ -435,10 +479,11 @@ def _make_cli(cli_class: type[FashionMNISTCLI], args: Any) -> FashionMNISTCLI:
         ClassificationTask,
         FashionMNISTDataModule,
         save_config_callback=RunConfigSaver,
+        parser_class=CLIParser,
         trainer_defaults=trainer_defaults(),
         seed_everything_default=42,
         auto_configure_optimizers=False,
-        parser_kwargs={"description": "Fashion-MNIST classification with PyTorch Lightning."},
+        parser_kwargs={"prog": "python -m fmnist_lightning", "description": __doc__.splitlines()[0]},
         args=args,
     )
 

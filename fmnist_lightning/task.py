@@ -1,6 +1,7 @@
 """``ClassificationTask``: the one LightningModule, wrapping any ``nn.Module`` that returns logits."""
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -66,7 +67,9 @@ class ClassificationTask(LightningModule):
         # From the CLI, the hyper-parameters are the config (class paths and init args), so
         # load_from_checkpoint rebuilds the network alone. Objects handed over in Python cannot be
         # stored that way and are dropped; pass model=... to load_from_checkpoint then.
-        self.save_hyperparameters()
+        with warnings.catch_warnings():  # objects given in Python are dropped just below, on purpose
+            warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         objects = [k for k in ("model", "optimizer", "lr_scheduler") if callable(self.hparams.get(k))]
         self.remove_ignored_hparams(objects)
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
