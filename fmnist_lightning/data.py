@@ -43,17 +43,32 @@ _HOW_TO_GET = (
 
 
 def _stage_idx_files(source: Path, data_dir: Path) -> None:
-    """Decompress the four ``.gz`` IDX files from ``source`` into torchvision's raw folder."""
+    """Decompress the four ``.gz`` IDX files from ``source`` into torchvision's raw folder.
+
+    All or nothing: if one file is corrupt, the files and folders this call made are removed.
+    """
     raw = data_dir / "FashionMNIST" / "raw"
+    made = [p for p in (raw, raw.parent, data_dir) if not p.exists()]  # innermost first
     raw.mkdir(parents=True, exist_ok=True)
-    for name in IDX_FILES:
-        # Extract beside the target and rename, so an interrupted copy never leaves a truncated file.
-        with tempfile.TemporaryDirectory(dir=raw) as tmp:
-            try:
-                extracted = extract_archive(str(source / name), tmp)
-            except (OSError, EOFError) as err:
-                raise DataError(f"Fashion-MNIST file {source / name} is corrupt ({err}). {_HOW_TO_GET}") from err
-            shutil.move(extracted, raw / name.removesuffix(".gz"))
+    staged: list[Path] = []
+    try:
+        for name in IDX_FILES:
+            # Extract beside the target and rename, so an interrupted copy never leaves a truncated file.
+            with tempfile.TemporaryDirectory(dir=raw) as tmp:
+                try:
+                    extracted = extract_archive(str(source / name), tmp)
+                except (OSError, EOFError) as err:
+                    raise DataError(f"Fashion-MNIST file {source / name} is corrupt ({err}). {_HOW_TO_GET}") from err
+                target = raw / name.removesuffix(".gz")
+                shutil.move(extracted, target)
+                staged.append(target)
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def _has_gz_files(folder: Path) -> bool:
