@@ -1,7 +1,7 @@
 """Checkpoints you can trust: written atomically, ``last.ckpt`` every epoch, read back with clear errors."""
 
-import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            hint = "free some space" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "check the folder"
-            kept = f"; {target} still holds the previous checkpoint" if target.is_file() else ""
-            raise CheckpointError(
-                f"could not write checkpoint {target} ({err.strerror or err}){kept}. {hint.capitalize()}, then "
-                "resume with `fit --ckpt_path last` (same config)."
-            ) from err
+            raise CheckpointError(f"could not write checkpoint {target} ({_why(err, target)}){_kept(target)}") from err
+
+
+def _why(err: BaseException, target: Path) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        if shutil.disk_usage(target.parent).free < 16 * 2**20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
+def _kept(target: Path) -> str:
+    kept = f"; {target} still holds the previous checkpoint" if target.is_file() else ""
+    return f"{kept}. Free some space or fix the folder, then resume with `fit --ckpt_path last` (same config)."
 
 
 class RunCheckpoint(ModelCheckpoint):

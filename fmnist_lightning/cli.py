@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -525,6 +526,10 @@ def main(args: list[str] | dict[str, Any] | None = None) -> Any:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs on GPUs that have them
     FashionMNISTCLI.debug = False
+    debug = bool(os.environ.get(DEBUG_ENV))
+    default_hook = threading.excepthook
+    # TensorBoard writes from a thread: on a full disk it fails there too, after the main error is said.
+    threading.excepthook = lambda a: None if isinstance(a.exc_value, OSError) and not debug else default_hook(a)
     try:
         cli = _make_cli(FashionMNISTCLI, args)
     except SystemExit:
@@ -536,6 +541,12 @@ def main(args: list[str] | dict[str, Any] | None = None) -> Any:
             raise
         if isinstance(err, FashionMNISTError):
             sys.exit(f"fmnist_lightning: error: {err}")
+        if isinstance(err, OSError) and err.strerror:  # a full disk, a folder that went read-only...
+            where = f" ({err.filename})" if err.filename else ""
+            sys.exit(
+                f"fmnist_lightning: error: {err.strerror}{where}. Free some space or fix the folder, then run again "
+                "(an interrupted fit resumes with --ckpt_path last)."
+            )
         sys.exit(
             f"fmnist_lightning: error: {type(err).__name__}: {_first_line(err)} "
             f"(run with --debug or {DEBUG_ENV}=1 for the traceback)"
