@@ -150,6 +150,76 @@ def _export(cfg: Namespace) -> Path:
     return path
 
 
+def _study_common(parser: LightningArgumentParser) -> None:
+    parser.add_argument("--num_folds", type=int | None, default=None, help="Score by K-fold CV (K >= 2).")
+    parser.add_argument(
+        "--seeds", type=int | None, default=None, help="Training seeds, counted up from seed_everything."
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="Worker processes on this machine, each with cores // jobs torch threads."
+    )
+    parser.add_argument(
+        "--storage",
+        type=str | None,
+        default=None,
+        help="Optuna storage shared by all workers and machines: a database URL (postgresql://...) or a journal "
+        "file; default: a journal file in the study folder.",
+    )
+    parser.add_argument("--heartbeat_interval", type=int, default=20, help="Seconds between a training's heartbeats.")
+    parser.add_argument(
+        "--grace_period", type=int, default=120, help="Seconds without a heartbeat before a training is redone."
+    )
+
+
+def _sweep_arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument("--sweep", type=str, required=True, help="The sweep file (configs/sweeps/*.yaml).")
+    parser.add_argument(
+        "--refit", action="store_true", help="Then train the best point (every ablation arm) and test it."
+    )
+    _study_common(parser)
+
+
+def _run_kfold(fit_args: list[str], cfg: Namespace, command: str) -> Path:
+    from fmnist_lightning.studies import run_kfold
+
+    return run_kfold(
+        fit_args,
+        cfg.num_folds,
+        cfg.seeds or 1,
+        cfg.jobs,
+        cfg.storage,
+        cfg.heartbeat_interval,
+        cfg.grace_period,
+        command,
+    )
+
+
+def _run_sweep(fit_args: list[str], cfg: Namespace, command: str) -> Path:
+    from fmnist_lightning.studies import run_sweep
+
+    return run_sweep(
+        fit_args,
+        cfg.sweep,
+        cfg.num_folds,
+        cfg.seeds,
+        cfg.jobs,
+        cfg.storage,
+        cfg.refit,
+        cfg.heartbeat_interval,
+        cfg.grace_period,
+        command,
+    )
+
+
+#: Subcommands that take fit's whole command line (config and any override) plus options of their own.
+STUDIES: dict[str, Tool] = {
+    "kfold": Tool("Train every fold of a stratified k-fold split and tabulate them.", _study_common, _run_kfold),
+    "sweep": Tool(
+        "Grid, search or ablation sweep on Optuna: resumable, parallel, with statistics.", _sweep_arguments, _run_sweep
+    ),
+}
+STUDY_OPTIONS = ("num_folds", "seeds", "jobs", "storage", "heartbeat_interval", "grace_period", "sweep", "refit")
+
 TOOLS: dict[str, Tool] = {
     "compare": Tool("Compare tested runs: table, chart and McNemar tests.", _compare_arguments, _compare),
     "export": Tool("Export a checkpoint's network to ONNX or TorchScript.", _export_arguments, _export),
@@ -178,6 +248,11 @@ class FashionMNISTCLI(LightningCLI):
             action.add_subcommand(name, self._subcommand_parsers[name], help=description)
         for stage in ("validate", "test"):  # our summary replaces the 35-row results table
             self._subcommand_parsers[stage].set_defaults(verbose=False)
+        for name, study in STUDIES.items():
+            sub = self._prepare_subcommand_parser(self.trainer_class, "fit", description=study.help)
+            study.add_arguments(sub)
+            self._subcommand_parsers[name] = sub
+            action.add_subcommand(name, sub, help=study.help)
         for name, tool in TOOLS.items():
             sub = CLIParser(description=tool.help, prog=f"{parser.prog} {name}")
             tool.add_arguments(sub)
@@ -219,12 +294,17 @@ class FashionMNISTCLI(LightningCLI):
         """Parse, then settle the run folder and the checkpoint before anything is built."""
         super().parse_arguments(parser, args)
         FashionMNISTCLI.debug = bool(self.config.get("debug"))
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         self.checkpoint: dict[str, Any] | None = None
         sub = self.config.get("subcommand")
         if sub in TRAINER_SUBCOMMANDS:
             self._settle_run(sub, self.config[sub])
+        elif sub in STUDIES:
+            self._settle_logger(self.config[sub])
 
-    def _settle_run(self, sub: str, cfg: Namespace) -> None:
+    @staticmethod
+    def _settle_logger(cfg: Namespace) -> Namespace | None:
+        """Name the run after the config file unless named, and keep the names inside the log folder."""
         logger = cfg.trainer.get("logger")
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if init is not None and "save_dir" in init:
@@ -233,6 +313,10 @@ class FashionMNISTCLI(LightningCLI):
                 init.name = Path(str(configs[0])).stem if configs else "default"
             check_relative_name(init.name, "--trainer.logger.init_args.name")
             check_relative_name(init.get("version"), "--trainer.logger.init_args.version")
+        return init
+
+    def _settle_run(self, sub: str, cfg: Namespace) -> None:
+        init = self._settle_logger(cfg)
         check_plain_file_name(cfg.prediction_writer.filename, "--prediction_writer.filename")
         ckpt_path = cfg.get("ckpt_path")
         if not ckpt_path:
@@ -321,6 +405,9 @@ class FashionMNISTCLI(LightningCLI):
         if subcommand in TOOLS:
             self.result = TOOLS[subcommand].run(self.config[subcommand])
             return
+        if subcommand in STUDIES:
+            self.result = self._run_study(subcommand)
+            return
         self._check_before_run(subcommand)
         run_dir = trainer_run_dir(self.trainer)
         created = [p for p in _parents_to_create(run_dir)] if run_dir else []
@@ -331,6 +418,20 @@ class FashionMNISTCLI(LightningCLI):
             if run_dir is not None and self.trainer.is_global_zero:
                 _clean_up_failed_run(run_dir, created, before)
             raise
+
+    def _run_study(self, subcommand: str) -> Path:
+        """Hand the study its fit command line: the resolved fit config as YAML, the study options apart."""
+        cfg = self.config[subcommand].clone()
+        options = Namespace({k: cfg.get(k) for k in STUDY_OPTIONS if k in cfg})
+        for key in (*options.keys(), "config"):
+            if key in cfg:
+                del cfg[key]
+        fit_yaml = self._subcommand_parsers["fit"].dump(cfg, skip_none=False)
+        command = " ".join(["python -m fmnist_lightning", *self.argv])
+        out = STUDIES[subcommand].run(["--config", fit_yaml], options, command)
+        print((out / "results.md").read_text())
+        print(f"Written to {out}/")
+        return out
 
     def _check_before_run(self, subcommand: str) -> None:
         """What can be checked before the run folder exists: optimizer, scheduler, checkpoint, log folder."""

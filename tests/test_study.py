@@ -1,0 +1,452 @@
+"""Studies: sweep files, k-fold, grid/search/ablation sweeps on Optuna, kill -9 and resume, parallel
+workers on a journal file and on a real PostgreSQL server, and the statistics in the tables."""
+
+import json
+import math
+import os
+import pwd
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from itertools import product
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.predictions import read_predictions
+from fmnist_lightning.stats import corrected_resampled_ttest, discordant_counts, mcnemar_exact, paired_ttest, summarize
+from fmnist_lightning.studies import StudyIncomplete, plan_sweep, read_table, run_kfold, run_sweep
+from fmnist_lightning.studies.results import Collected, compare_to_reference
+from fmnist_lightning.studies.spec import Point, StudyPlan
+from fmnist_lightning.studies.storage import WORKER_ATTR, open_storage, reclaim_dead_trials
+
+from .conftest import fast_fit_args
+
+ROOT = Path(__file__).parent.parent
+LINEAR = ["--config", str(ROOT / "configs" / "linear.yaml")]
+
+
+def sweep_file(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def study_args(data_dir: Path, logs: Path, *extra: str) -> list[str]:
+    """The base fit command line of every study here: the linear baseline, a few batches."""
+    return [*LINEAR, *fast_fit_args(data_dir, logs, *extra)]
+
+
+def finished_runs(study_dir: Path) -> dict[str, list[Path]]:
+    """Cell key -> the run folders that completed it (each writes cell.json once it is done)."""
+    runs: dict[str, list[Path]] = {}
+    for file in study_dir.rglob("cell.json"):
+        runs.setdefault(json.loads(file.read_text())["cell"], []).append(file.parent)
+    return runs
+
+
+def trained_files(study_dir: Path) -> list[str]:
+    """What only a training writes: configs, checkpoints, cell records."""
+    return sorted(str(p) for p in study_dir.rglob("*") if p.name in ("config.yaml", "cell.json") or p.suffix == ".ckpt")
+
+
+def launch(tmp_path: Path, argv: list[str], log_name: str) -> subprocess.Popen:
+    """A sweep command in its own process (so it can be killed with SIGKILL)."""
+    log = (tmp_path / log_name).open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmnist_lightning", *argv], cwd=tmp_path, stdout=log, stderr=log
+    )
+
+
+def wait_for(condition, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a sweep process ended (exit code {[p.poll() for p in procs]}) before {what}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep files
+
+
+def test_grid_expands_to_every_combination_fold_and_seed(tmp_path, data_dir):
+    # 5e-3 without a dot is a string to YAML: the CLI's parser makes it the float 0.005.
+    sweep = sweep_file(
+        tmp_path,
+        "num_folds: 3\nseeds: 2\ngrid:\n"
+        "  model.optimizer.init_args.lr: [1.0e-2, 5e-3]\n"
+        "  data.batch_size: [32, 64, 128]\n",
+    )
+    args = study_args(data_dir, tmp_path / "logs")
+    plan = plan_sweep(args, sweep)
+    lr, bs = "model.optimizer.init_args.lr", "data.batch_size"
+    assert [p.params for p in plan.points] == [{lr: a, bs: b} for a, b in product([0.01, 0.005], [32, 64, 128])]
+    assert plan.points[1].name == "lr=0.01_batch_size=64"
+    assert plan.points[1].overrides == (f"--{lr}=0.01", f"--{bs}=64")
+    cells = plan.cells()
+    assert len(cells) == 6 * 3 * 2
+    assert len({c.key for c in cells}) == len(cells)
+    assert {(c.point.name, c.fold, c.seed) for c in cells} == set(
+        product([p.name for p in plan.points], [0, 1, 2], [42, 43])
+    )
+    assert [c.seed for c in cells] == [42] * 18 + [43] * 18  # every point on the first seed first
+    # The folder is named by what is trained: machine paths do not change it, the config does.
+    other = plan_sweep([*args, "--data.data_dir=/elsewhere", "--trainer.max_epochs=2"], sweep)
+    assert other.identity["config"]["trainer"]["max_epochs"] == 2
+    assert "data_dir" not in other.identity["config"]["data"]
+    assert other.folder != plan.folder
+    assert not (tmp_path / "logs").exists()
+
+
+BAD_SWEEPS = {
+    "unknown key": ("grid:\n  data.batch_sise: [32]\n", "batch_sise"),
+    "empty grid": ("grid: {}\n", "empty"),
+    "empty value list": ("grid:\n  data.batch_size: []\n", "non-empty list"),
+    "value of the wrong type": ("grid:\n  data.batch_size: [32, abc]\n", "data.batch_size, value 'abc'"),
+    "unknown distribution": (
+        "search:\n  model.optimizer.init_args.lr: {type: gaussian, low: 0.0, high: 1.0}\nn_trials: 2\n",
+        "unknown distribution type 'gaussian'",
+    ),
+    "float bounds for an int key": (
+        "search:\n  data.batch_size: {type: float, low: 16.5, high: 64.0}\nn_trials: 2\n",
+        "data.batch_size",
+    ),
+    "search without n_trials": (
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n",
+        "n_trials",
+    ),
+    "unknown sampler": (
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n"
+        "n_trials: 2\nsampler: Foo\n",
+        "unknown sampler 'Foo'",
+    ),
+    "a key the study sets": ("grid:\n  seed_everything: [1, 2]\n", "--seeds"),
+    "two forms": ("grid: {data.batch_size: [32]}\nablation: {variants: {a: {}}}\n", "exactly one"),
+    "bad YAML": ("grid: [unclosed\n", "not valid YAML"),
+    "not a mapping": ("- 1\n- 2\n", "must be a mapping"),
+    "bad ablation value": ("ablation:\n  variants:\n    big: {data.batch_size: huge}\n", "ablation arm big"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SWEEPS))
+def test_bad_sweep_file_fails_before_anything_is_written(tmp_path, data_dir, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    text, message = BAD_SWEEPS[case]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        run_sweep(study_args(data_dir, tmp_path / "logs"), sweep_file(tmp_path, text))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_sweep_file_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        run_sweep(study_args(data_dir, tmp_path / "logs"), tmp_path / "nowhere.yaml")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_every_shipped_sweep_file_plans_against_its_config():
+    for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
+        command = path.read_text().split("python -m fmnist_lightning sweep", 1)[1].splitlines()[0].split()
+        config = command[command.index("--config") + 1]
+        assert command[command.index("--sweep") + 1] == f"configs/sweeps/{path.name}"
+        plan = plan_sweep(["--config", str(ROOT / config)], path)
+        assert plan.cells(), path.name
+
+
+# ---------------------------------------------------------------------------------------------
+# k-fold
+
+
+def test_kfold_trains_every_fold_in_its_own_run_and_tabulates_them(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_kfold(study_args(data_dir, tmp_path / "logs"), num_folds=3)
+    assert out.parent == tmp_path / "logs" / "linear"
+    assert out.name.startswith("kfold3-")
+    rows = read_table(out / "results.csv")
+    assert [(r["fold"], r["seed"]) for r in rows] == [(0, 42), (1, 42), (2, 42)]
+    records = [json.loads((out / f"fold{f}_seed42" / "cell.json").read_text()) for f in range(3)]
+    assert [r["val_acc"] for r in rows] == pytest.approx([r["val_acc"] for r in records], abs=1e-6)
+    # A fresh fit per fold: its own run folder, checkpoint and config naming its fold.
+    assert len({r["best_checkpoint"] for r in records}) == 3
+    for fold in range(3):
+        config = yaml.safe_load((out / f"fold{fold}_seed42" / "config.yaml").read_text())
+        assert (config["data"]["num_folds"], config["data"]["fold"]) == (3, fold)
+    table = (out / "results.md").read_text()
+    assert f"**{summarize([r['val_acc'] for r in records])}**" in table
+    assert f"**{summarize([r['val_loss'] for r in records])}**" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and parallel workers
+
+
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_completes_only_the_missing_cells(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(tmp_path, "num_folds: 2\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
+    logs = tmp_path / "logs"
+    args = study_args(data_dir, logs, "--trainer.max_epochs=3", "--trainer.limit_train_batches=10")
+    proc = launch(tmp_path, ["sweep", "--sweep", str(sweep), *args], "killed.log")
+
+    def unfinished() -> set[Path]:  # run folders with a checkpoint but no result yet
+        return {p.parent.parent for p in logs.rglob("last.ckpt")} - {p.parent for p in logs.rglob("cell.json")}
+
+    # Kill it mid-training: one cell done, another one some epochs into its training.
+    wait_for(lambda: any(logs.rglob("cell.json")) and unfinished(), 120, "a cell done, one under way", [proc])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p: p.read_bytes() for p in logs.rglob("cell.json")}
+    interrupted = unfinished()
+    assert done_before
+    assert len(interrupted) == 1
+
+    out = run_sweep(args, sweep)
+    plan = plan_sweep(args, sweep)
+    runs = finished_runs(out)
+    assert sorted(runs) == sorted(c.key for c in plan.cells())
+    assert all(len(r) == 1 for r in runs.values()), runs  # no cell trained to the end twice
+    for path, content in done_before.items():  # finished cells were kept as they were
+        assert path.read_bytes() == content
+    (folder,) = interrupted  # the killed training went on from its last epoch, in its own folder
+    record = json.loads((folder / "cell.json").read_text())
+    assert record["resumed"] is True
+    assert record["epochs"] == 3
+    assert len(read_table(out / "cells.csv")) == 4
+
+    before = trained_files(out)
+    run_sweep(args, sweep)  # a finished sweep: nothing to train
+    assert trained_files(out) == before
+
+
+def test_two_workers_split_the_grid_and_train_no_cell_twice(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(tmp_path, "seeds: 2\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, jobs=2)
+    rows = read_table(out / "cells.csv")
+    assert len(rows) == 4
+    assert len({r["cell"] for r in rows}) == 4
+    assert len({r["worker"] for r in rows}) == 2  # both workers trained
+    assert all(len(r) == 1 for r in finished_runs(out).values())
+    assert len([p for p in out.rglob("config.yaml")]) == 4  # no training started twice either
+    results = read_table(out / "results.csv")
+    assert [r["n"] for r in results] == [2, 2]
+    assert sum(r["best"] for r in results) == 1
+    hparams = EventAccumulator(str(next((out / "hparams").glob("lr=0.01"))))
+    hparams.Reload()
+    assert {"hparams/val_acc_mean", "hparams/val_loss_mean"} <= set(hparams.Tags()["scalars"])
+
+
+def test_search_samples_exactly_n_trials_points_with_parallel_workers(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(
+        tmp_path,
+        "search:\n"
+        "  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}\n"
+        "  data.batch_size: {type: categorical, choices: [32, 64]}\n"
+        "n_trials: 3\n"
+        "sampler: {name: RandomSampler, seed: 0}\n",
+    )
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, jobs=2)
+    rows = read_table(out / "results.csv")
+    assert len(rows) == 3
+    assert all(1e-4 <= r["model.optimizer.init_args.lr"] <= 1e-1 for r in rows)
+    assert {r["data.batch_size"] for r in rows} <= {32, 64}
+    assert [r["val_acc_mean"] for r in rows] == sorted((r["val_acc_mean"] for r in rows), reverse=True)
+    assert len(read_table(out / "cells.csv")) == 3
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_train(tmp_path, data_dir, monkeypatch):
+    # One width for two conv layers parses but cannot build the network: only training finds it.
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(tmp_path, "grid:\n  model.model.init_args.widths: [[8], [8, 16]]\n")
+    args = ["--config", str(ROOT / "configs" / "lightweight.yaml"), *fast_fit_args(data_dir, tmp_path / "logs")]
+    with pytest.raises(StudyIncomplete, match="widths=8/seed42"):
+        run_sweep(args, sweep)
+    out = plan_sweep(args, sweep).study_dir
+    assert sorted(finished_runs(out)) == ["widths=8-16/seed42"]
+    table = (out / "results.md").read_text()
+    assert "Trainings: 1 of 2 complete." in table
+    assert "- widths=8/seed42:" in table  # the failure and its reason are in the table
+
+
+def test_a_trial_without_heartbeat_from_another_machine_is_queued_again(tmp_path):
+    # What another machine leaves behind when it dies: a RUNNING trial signed by its host, whose
+    # heartbeats stop. Optuna's journal storage has no heartbeats; ours must notice it.
+    storage = open_storage(None, tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
+    trial = study.ask()
+    other = {"trial": trial.number, "host": "another-machine", "boot": "", "pid": 1, "start": ""}
+    storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, other)
+    storage.record_heartbeat(trial._trial_id)
+    assert reclaim_dead_trials(study) == 0  # alive as far as anyone can tell
+    time.sleep(2.5)
+    assert reclaim_dead_trials(study) == 1
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.get_trials()[1].user_attrs["cell"] == "a/seed1"  # the same cell, queued again
+    assert reclaim_dead_trials(study) == 0  # and only once
+
+
+def test_cv_comparison_averages_seeds_within_folds_then_corrects_for_overlap():
+    plan = StudyPlan("ablation", "a", [], "logs", "x", num_folds=3, seeds=[1, 2], reference="reference")
+    ref, var = Point("reference"), Point("v")
+    acc = {  # (arm, fold, seed) -> val acc
+        **{("reference", f, s): 0.90 for f in range(3) for s in (1, 2)},
+        **{("v", 0, 1): 0.91, ("v", 0, 2): 0.91, ("v", 1, 1): 0.91, ("v", 1, 2): 0.93},
+        **{("v", 2, 1): 0.92, ("v", 2, 2): 0.94},
+    }
+    cells = {
+        f"{arm}/fold{f}_seed{s}": {"fold": f, "seed": s, "val_acc": a, "val_loss": 0.3}
+        for (arm, f, s), a in acc.items()
+    }
+    test = compare_to_reference(Collected(plan, [ref, var], cells), var, ref)
+    # fold means of the variant 0.91, 0.92, 0.93 against 0.90: K = 3 pairs, n_test/n_train = 1/2
+    expected = corrected_resampled_ttest([0.91, 0.92, 0.93], [0.90, 0.90, 0.90], 1 / 2)
+    assert test.test == "corrected resampled t"
+    assert test.n == 3
+    assert test.p_value == pytest.approx(expected.p_value)
+    assert test.p_value == pytest.approx(1 - math.sqrt(4.8 / 6.8))  # by hand, see test_stats.py
+
+
+# ---------------------------------------------------------------------------------------------
+# An ablation's statistics, checked against the cells they come from
+
+
+@pytest.mark.slow
+def test_ablation_table_tests_each_variant_against_the_reference(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(
+        tmp_path,
+        "seeds: 2\nablation:\n  reference: {}\n  variants:\n    lr_high: {model.optimizer.init_args.lr: 0.05}\n",
+    )
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, refit=True)
+    cells = {(r["point"], r["seed"]): r["val_acc"] for r in read_table(out / "cells.csv")}
+    reference, variant = read_table(out / "results.csv")
+    assert (reference["point"], variant["point"]) == ("reference", "lr_high")
+    ref, var = [cells["reference", s] for s in (42, 43)], [cells["lr_high", s] for s in (42, 43)]
+    expected = paired_ttest(var, ref)
+    assert variant["delta_acc"] == pytest.approx(statistics.fmean(var) - statistics.fmean(ref), abs=1e-5)
+    assert variant["p_value"] == pytest.approx(expected.p_value, rel=1e-4)
+    assert variant["p_holm"] == pytest.approx(expected.p_value, rel=1e-4)  # one variant: Holm changes nothing
+    assert variant["delta_ci_low"] == pytest.approx(expected.ci_low, abs=1e-5)
+    # The refits (first seed, the config's split) were tested: McNemar on their test predictions.
+    refit = {r.name: json.loads((r / "seed42" / "cell.json").read_text()) for r in (out / "refit").iterdir()}
+    predictions = {k: read_predictions(Path(v["report_dir"]) / "predictions.csv") for k, v in refit.items()}
+    b, c = discordant_counts(predictions["lr_high"].correct, predictions["reference"].correct)
+    assert (variant["only_arm_right"], variant["only_reference_right"]) == (b, c)
+    assert variant["mcnemar_p"] == pytest.approx(mcnemar_exact(b, c), rel=1e-4)
+    assert "McNemar" in (out / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: a real server, started here, shared by two sweep commands
+
+
+def _postgres_bin() -> Path | None:
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):  # Debian's layout
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    return Path(initdb).parent if initdb and pg_ctl else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_port():
+    """A PostgreSQL server on a free localhost port, in a temporary folder, for this module's tests."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[postgres]'")
+    run_as: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))  # not under pytest's tmp: only root may enter that
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = base / "data"
+
+    def pg(*argv: str) -> None:
+        subprocess.run([*run_as, *argv], check=True, capture_output=True, text=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-o", options, "-w", "start")
+    try:
+        yield port
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_port):
+    """A fresh database on the test server, as an Optuna storage URL."""
+    import psycopg2
+
+    name = f"sweep_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(host="127.0.0.1", port=postgres_port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{postgres_port}/{name}"
+
+
+@pytest.mark.slow
+def test_postgres_two_commands_share_a_sweep_survive_a_kill_and_rerun_trains_nothing(
+    tmp_path, data_dir, monkeypatch, postgres_url
+):
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(tmp_path, "seeds: 3\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
+    logs = tmp_path / "logs"
+    args = study_args(data_dir, logs)
+    argv = ["sweep", "--sweep", str(sweep), "--storage", postgres_url, *args]
+    first, second = launch(tmp_path, argv, "first.log"), launch(tmp_path, argv, "second.log")
+
+    def done_by(proc: subprocess.Popen) -> int:
+        records = [json.loads(p.read_text()) for p in logs.rglob("cell.json")]
+        return sum(r["worker"].endswith(f":{proc.pid}") for r in records)
+
+    wait_for(lambda: done_by(first) >= 1, 180, "a cell finished by the first command", [first, second])
+    first.send_signal(signal.SIGKILL)  # the second command must finish the sweep alone
+    first.wait()
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+
+    plan = plan_sweep(args, sweep)
+    out = plan.study_dir
+    runs = finished_runs(out)
+    assert sorted(runs) == sorted(c.key for c in plan.cells())
+    assert all(len(r) == 1 for r in runs.values()), runs
+    assert done_by(first) >= 1
+    assert done_by(second) >= 1  # the work was shared
+    study = optuna.load_study(study_name=f"linear/{plan.folder}", storage=postgres_url)
+    complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["cell"] for t in complete) == sorted(runs)
+    assert not (out / "optuna.journal").exists()  # the database held the study
+
+    before = trained_files(out)
+    run_sweep(args, sweep, storage=postgres_url)
+    assert trained_files(out) == before
