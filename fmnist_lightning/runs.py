@@ -211,9 +211,9 @@ def _write_history(file: Path, keys: Iterable[str], rows: list[Mapping[str, floa
     tmp.replace(file)
 
 
-def read_history(run_dir: Path) -> list[dict[str, float]]:
+def read_history(run_dir: str | Path) -> list[dict[str, float]]:
     """The per-epoch rows of ``history.csv``, one per epoch (a redone epoch after a resume counts once)."""
-    file = run_dir / HISTORY_FILE
+    file = Path(run_dir) / HISTORY_FILE
     if not file.is_file():
         return []
     with file.open(newline="") as f:
