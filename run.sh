@@ -17,13 +17,21 @@ SYSTEM_DATA=/usr/share/datasets/fashion-mnist
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
-# 1. The dataset: Debian's package, unless a copy is already there (torchvision downloads otherwise).
+# 1. Debian's packages: the dataset (unless a copy is already there; torchvision downloads otherwise)
+#    and, for the test job, a PostgreSQL server (the test of sweeps shared through a database).
+packages=()
 if [ ! -f "$SYSTEM_DATA/train-images-idx3-ubyte.gz" ] && [ ! -d data/FashionMNIST/raw ]; then
+  packages+=(dataset-fashion-mnist)
+fi
+if [ "$job" = test ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  packages+=(postgresql)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && as_root true 2>/dev/null; then
-    as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist \
-      || echo "run.sh: could not install dataset-fashion-mnist; torchvision will try to download the data" >&2
+    as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" \
+      || echo "run.sh: could not install ${packages[*]}; torchvision will try to download the data" >&2
   else
-    echo "run.sh: no apt-get/root: torchvision will try to download the data" >&2
+    echo "run.sh: no apt-get/root: torchvision will try to download the data (and the PostgreSQL test is skipped)" >&2
   fi
 fi
 
