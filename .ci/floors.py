@@ -6,16 +6,18 @@ With ``--check``, compares the installed versions with the floors instead and fa
 
 import re
 import sys
-import tomllib
 from importlib.metadata import version
 
+import tomllib
 from packaging.version import Version
 
 SKIP = {"torch", "torchvision"}
 
 
 def floors(pyproject: str) -> dict[str, str]:
-    deps = tomllib.load(open(pyproject, "rb"))["project"]["dependencies"]
+    """Each dependency's floor by name, from ``pyproject``'s ``[project] dependencies``."""
+    with open(pyproject, "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
     pins = {}
     for dep in deps:
         match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?>=([0-9][0-9.]*)", dep.replace(" ", ""))

@@ -82,7 +82,7 @@ class RunConfigSaver(SaveConfigCallback):
     the YAML to the report, which keeps it beside its metrics.
     """
 
-    resumed = False
+    resumed = False  # set on the instance by the CLI when fit continues a run
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Pick a free file name by stage, then save as Lightning does."""
@@ -296,6 +296,7 @@ class FashionMNISTCLI(LightningCLI):
         FashionMNISTCLI.debug = bool(self.config.get("debug"))
         self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         self.checkpoint: dict[str, Any] | None = None
+        self.resumes_run = False
         sub = self.config.get("subcommand")
         if sub in TRAINER_SUBCOMMANDS:
             self._settle_run(sub, self.config[sub])
@@ -333,9 +334,7 @@ class FashionMNISTCLI(LightningCLI):
         if run is not None and init is not None and "save_dir" in init:
             # Continue (fit) or evaluate (the rest) in the checkpoint's own run folder.
             init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
-            RunConfigSaver.resumed = sub == "fit"
-        else:
-            RunConfigSaver.resumed = False
+            self.resumes_run = sub == "fit"
 
     def _check_architecture(self, cfg: Namespace) -> None:
         """Refuse a checkpoint whose network is not the config's, before it could be used silently."""
@@ -397,7 +396,11 @@ class FashionMNISTCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunConfigSaver):
+                callback.resumed = self.resumes_run
+        return trainer
 
     # --- running ------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:

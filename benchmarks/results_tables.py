@@ -1,0 +1,464 @@
+"""Results files under ``docs/results/``: the one writer and reader of their CSV layouts, and the
+markdown tables the README shows, made from them alone.
+
+Two layouts, one row per training run, each row naming its machine (CPU model from
+``/proc/cpuinfo``, usable cores, torch version, device) and date:
+
+- ``zoo`` (written by ``zoo_results.py``): config, overrides, model, parameters, seed, test accuracy,
+  macro-F1, epochs, seconds per training epoch, fit and test seconds, run folder. Its table gives
+  mean ± std over the seeds of every config, and the p-value of a paired t-test (matched by seed,
+  ``fmnist_lightning.stats.paired_ttest``) of the best row against each other row, Holm-adjusted
+  over those comparisons; ``--pair A B`` adds the difference of two rows with its interval.
+- ``time_to_accuracy`` (written by ``time_to_accuracy.py``): run (a config's name, or ``peer`` for
+  study 001's own code), seed, test accuracy, the seconds the ratios use and what they time. Its
+  tables give accuracy and time mean ± std per run, and the ratios of issue 12's targets
+  (:data:`TARGETS`).
+
+Usage:
+    python benchmarks/results_tables.py docs/results/zoo.csv
+    python benchmarks/results_tables.py docs/results/zoo.csv --pair fashioncnn.yaml fashioncnn_study001.yaml
+    python benchmarks/results_tables.py docs/results/time_to_accuracy.csv
+
+Only the standard library is imported at the top (``fmnist_lightning.stats`` where a table needs it).
+"""
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MACHINE_COLUMNS: dict[str, type] = {"cpu": str, "cores": int, "torch": str, "device": str, "date": str}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A results CSV: its columns and their types; the one place that writes and reads it.
+
+    Attributes:
+        name: The layout's name.
+        columns: Column name -> ``str``, ``int`` or ``float``, in file order.
+    """
+
+    name: str
+    columns: Mapping[str, type]
+
+    def append(self, path: str | Path, row: Mapping[str, object]) -> None:
+        """Append one row, writing the header first if the file is new.
+
+        Raises:
+            ValueError: If the row lacks a column or has one too many, or the file has another header.
+        """
+        path = Path(path)
+        if set(row) != set(self.columns):
+            missing, extra = sorted(set(self.columns) - set(row)), sorted(set(row) - set(self.columns))
+            raise ValueError(f"a {self.name} row needs exactly its columns (missing {missing}, unexpected {extra})")
+        new = not path.is_file() or path.stat().st_size == 0
+        if not new:
+            self._check_header(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.columns)
+            writer.writerow(_format(row[c]) for c in self.columns)
+
+    def read(self, path: str | Path) -> list[dict[str, object]]:
+        """Every row, typed (an empty ``float`` is NaN, an empty ``int`` None); [] for a missing file."""
+        path = Path(path)
+        if not path.is_file():
+            return []
+        self._check_header(path)
+        with path.open(newline="") as f:
+            return [{c: _parse(row[c], t) for c, t in self.columns.items()} for row in csv.DictReader(f)]
+
+    def _check_header(self, path: Path) -> None:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(self.columns):
+            raise ValueError(f"{path} is not a {self.name} results file (its header: {', '.join(header)})")
+
+
+def _format(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _parse(text: str, kind: type) -> object:
+    if text == "":
+        return math.nan if kind is float else (None if kind is int else "")
+    return kind(text)
+
+
+ZOO = Layout(
+    "zoo",
+    {
+        "config": str,
+        "overrides": str,
+        "model": str,
+        "parameters": int,
+        "seed": int,
+        "test_accuracy": float,
+        "macro_f1": float,
+        "epochs": int,
+        "seconds_per_epoch": float,
+        "fit_seconds": float,
+        "test_seconds": float,
+        "run_dir": str,
+        **MACHINE_COLUMNS,
+    },
+)
+TIME_TO_ACCURACY = Layout(
+    "time_to_accuracy",
+    {
+        "run": str,  # a config's file name without .yaml, or "peer"
+        "source": str,  # the config's path, or the peer's repository and commit
+        "overrides": str,  # what shortened the run ("" for a full one)
+        "seed": int,
+        "test_accuracy": float,
+        "seconds": float,  # what the ratios use: fit + test, or the peer's time to its best epoch
+        "fit_seconds": float,
+        "test_seconds": float,
+        "whole_seconds": float,  # every process of the run, start to exit
+        "best_epoch": int,  # 1-based; by validation accuracy for the package, by test accuracy for the peer
+        "epochs": int,
+        **MACHINE_COLUMNS,
+    },
+)
+LAYOUTS = (ZOO, TIME_TO_ACCURACY)
+PEER = "peer"
+
+
+def layout_of(path: str | Path) -> Layout:
+    """The layout whose header the file has."""
+    with Path(path).open(newline="") as f:
+        header = next(csv.reader(f), [])
+    for layout in LAYOUTS:
+        if header == list(layout.columns):
+            return layout
+    raise ValueError(f"{path} is not a results file of this project (its header: {', '.join(header)})")
+
+
+def machine() -> dict[str, object]:
+    """This machine: CPU model, usable cores, torch version, the device a run uses, today's date."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = models[0] if models else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    import torch
+
+    device = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "torch": torch.__version__,
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def percent(values: Sequence[float], digits: int = 2) -> str:
+    """``93.22 ± 0.04%`` of accuracies in [0, 1]; the mean alone for one value."""
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.{digits}f}%" if math.isnan(std) else f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}%"
+
+
+def number(values: Sequence[float], digits: int = 0) -> str:
+    """``318 ± 41``; the mean alone for one value, empty for none."""
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def p_value(p: float) -> str:
+    """Two significant digits (``0.0031``, ``1.2e-06``); empty for NaN."""
+    return "" if math.isnan(p) else f"{p:.2g}"
+
+
+def machines_line(rows: Sequence[Mapping[str, object]]) -> str:
+    """Which machine the rows were measured on (a warning when they come from several)."""
+    seen = dict.fromkeys(f"{r['cpu']}, {r['cores']} cores, torch {r['torch']}, {r['device']}" for r in rows)
+    dates = sorted({str(r["date"]) for r in rows})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    if len(seen) == 1:
+        return f"Machine: {next(iter(seen))}; measured {when}."
+    return f"Machines (several: compare rows of one machine only): {'; '.join(seen)}; measured {when}."
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+# --- the zoo --------------------------------------------------------------------------------------
+
+
+def _group(rows: Sequence[Mapping[str, object]], *keys: str) -> dict[tuple, list[Mapping[str, object]]]:
+    groups: dict[tuple, list[Mapping[str, object]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def _by_seed(rows: Sequence[Mapping[str, object]], field: str = "test_accuracy") -> dict[int, float]:
+    return {int(r["seed"]): float(r[field]) for r in rows}
+
+
+def _config_label(config: str, overrides: str) -> str:
+    name = Path(config).name
+    return f"`{name}`" + (f" (shortened: `{overrides}`)" if overrides else "")
+
+
+def _row_matches(key: tuple, wanted: str) -> bool:
+    config, overrides = key
+    return not overrides and wanted in (config, Path(config).name, Path(config).stem)
+
+
+def paired_by_seed(a: Mapping[int, float], b: Mapping[int, float]):
+    """``fmnist_lightning.stats.paired_ttest`` of ``a - b`` over the seeds both have; None under 2 seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    from fmnist_lightning.stats import paired_ttest
+
+    return paired_ttest([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def zoo_table(rows: Sequence[Mapping[str, object]], pairs: Sequence[tuple[str, str]] = ()) -> str:
+    """The model zoo as markdown: one row per config (and overrides), mean ± std over its seeds.
+
+    The best full-length row (highest mean test accuracy) is in bold; ``p vs best`` is the two-sided p-value of a
+    paired t-test of its accuracies against the row's, matched by seed, then Holm-adjusted over all
+    those comparisons (in brackets). ``pairs`` (config names, e.g. ``("fashioncnn.yaml",
+    "fashioncnn_study001.yaml")``) add a table of ``A - B`` with its 95% interval and p-value.
+
+    Raises:
+        ValueError: If a config of ``pairs`` has no full-length row.
+    """
+    if not rows:
+        return "(no results)"
+    from fmnist_lightning.stats import holm
+
+    groups = _group(rows, "config", "overrides")
+    means = {k: statistics.mean(float(r["test_accuracy"]) for r in g) for k, g in groups.items()}
+    full = [k for k in groups if not k[1]] or list(groups)  # a shortened row is never "the best"
+    best = max(full, key=means.__getitem__)
+    tests = {k: paired_by_seed(_by_seed(groups[best]), _by_seed(g)) for k, g in groups.items() if k != best}
+    keys = [k for k, t in tests.items() if t is not None]
+    adjusted = dict(zip(keys, holm([tests[k].p_value for k in keys]), strict=True))
+    lines = []
+    for key, group in groups.items():
+        epochs = sorted({int(r["epochs"]) for r in group})
+        accuracy = percent([float(r["test_accuracy"]) for r in group])
+        test = tests.get(key)
+        lines.append(
+            [
+                f"`{group[0]['model']}`",
+                f"{int(group[0]['parameters']):,}",
+                _config_label(*key),
+                str(len(group)),
+                f"**{accuracy}**" if key == best else accuracy,
+                number([float(r["macro_f1"]) for r in group], 4),
+                str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
+                number([float(r["seconds_per_epoch"]) for r in group], 1),
+                "best" if key == best else (f"{p_value(test.p_value)} ({p_value(adjusted[key])})" if test else ""),
+            ]
+        )
+    header = ["model", "parameters", "config", "seeds", "test accuracy", "macro-F1", "epochs"]
+    header += ["s / training epoch", "p vs best (Holm)"]
+    out = _table(header, lines, "lrlrrrrrr")
+    if pairs:
+        out += ["", *pairs_table(groups, pairs)]
+    out += ["", machines_line(rows)]
+    return "\n".join(out)
+
+
+def pairs_table(groups: Mapping[tuple, Sequence[Mapping[str, object]]], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """``A - B`` in test accuracy (points), its 95% interval and the paired t-test's p-value, per pair."""
+    lines = []
+    for a, b in pairs:
+        found = []
+        for wanted in (a, b):
+            key = next((k for k in groups if _row_matches(k, wanted)), None)
+            if key is None:
+                raise ValueError(f"--pair: no full-length row of config {wanted!r}")
+            found.append(key)
+        test = paired_by_seed(_by_seed(groups[found[0]]), _by_seed(groups[found[1]]))
+        if test is None:
+            lines.append([f"`{a}`", f"`{b}`", "fewer than 2 shared seeds", "", "", ""])
+            continue
+        lines.append(
+            [
+                f"`{a}`",
+                f"`{b}`",
+                str(test.n),
+                f"{100 * test.mean_diff:+.2f}",
+                f"[{100 * test.ci_low:+.2f}, {100 * test.ci_high:+.2f}]",
+                p_value(test.p_value),
+            ]
+        )
+    header = ["A", "B", "shared seeds", "A - B (points)", "95% interval", "p (paired t)"]
+    return _table(header, lines, "llrrrr")
+
+
+# --- time to accuracy ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 12's targets: ``slow`` takes at least ``min_ratio`` times as long as ``fast``,
+    and ``fast`` reaches ``min_accuracy`` on every seed (``every_seed``) or on average.
+
+    Attributes:
+        slow: The slower run (a config's name or ``peer``).
+        fast: The faster run.
+        min_ratio: The speed-up to reach.
+        min_accuracy: ``fast``'s test accuracy to reach, in [0, 1].
+        every_seed: Whether every seed must reach it (else the mean).
+    """
+
+    slow: str
+    fast: str
+    min_ratio: float
+    min_accuracy: float
+    every_seed: bool
+
+
+#: The peer's time to its best test accuracy against fast.yaml's fit + test; tinyvgg.yaml against fast94.yaml.
+TARGETS = (Target(PEER, "fast", 6.0, 0.930, every_seed=True), Target("tinyvgg", "fast94", 3.0, 0.940, every_seed=False))
+
+
+def _what_is_timed(run: str, group: Sequence[Mapping[str, object]]) -> str:
+    if run == PEER:
+        epochs = ", ".join(str(r["best_epoch"]) for r in group)
+        of = sorted({int(r["epochs"]) for r in group})
+        return (
+            f"start to the end of its best test epoch (epoch {epochs} of {'/'.join(map(str, of))}); whole run "
+            f"{number([float(r['whole_seconds']) for r in group])} s"
+        )
+    fit, test = ([float(r[k]) for r in group] for k in ("fit_seconds", "test_seconds"))
+    return f"fit + test, start to exit (fit {number(fit)}, test {number(test)})"
+
+
+def ratio_rows(rows: Sequence[Mapping[str, object]], targets: Sequence[Target] = TARGETS) -> list[dict[str, object]]:
+    """Each target whose two runs are in ``rows``: the ratio of mean times, per-seed ratios, and whether it is met."""
+    groups = {k[0]: g for k, g in _group(rows, "run").items()}
+    out = []
+    for t in targets:
+        if t.slow not in groups or t.fast not in groups:
+            continue
+        slow, fast = _by_seed(groups[t.slow], "seconds"), _by_seed(groups[t.fast], "seconds")
+        accuracies = [float(r["test_accuracy"]) for r in groups[t.fast]]
+        ratio = statistics.mean(slow.values()) / statistics.mean(fast.values())
+        reached = min(accuracies) if t.every_seed else statistics.mean(accuracies)
+        out.append(
+            {
+                "target": t,
+                "ratio": ratio,
+                "per_seed": {s: slow[s] / fast[s] for s in sorted(set(slow) & set(fast))},
+                "accuracy": reached,
+                "met": ratio >= t.min_ratio and reached >= t.min_accuracy,
+            }
+        )
+    return out
+
+
+def time_to_accuracy_tables(rows: Sequence[Mapping[str, object]]) -> str:
+    """Accuracy and time (mean ± std over seeds) per run, then the ratios of :data:`TARGETS`, as markdown."""
+    if not rows:
+        return "(no results)"
+    groups = {k[0]: g for k, g in _group(rows, "run").items()}
+    lines = []
+    for run, group in groups.items():
+        accuracies = [float(r["test_accuracy"]) for r in group]
+        lines.append(
+            [
+                "study 001's code (peer)" if run == PEER else f"`{run}`",
+                str(len(group)),
+                percent(accuracies),
+                ", ".join(f"{100 * a:.2f}" for a in accuracies),
+                number([float(r["seconds"]) for r in group]),
+                _what_is_timed(run, group),
+            ]
+        )
+    header = ["run", "seeds", "test accuracy", "per seed (%)", "time (s)", "what is timed"]
+    out = _table(header, lines, "lrrrrl")
+    ratios = []
+    for r in ratio_rows(rows):
+        t = r["target"]
+        slow = "peer's time to its best" if t.slow == PEER else f"`{t.slow}` fit + test"
+        condition = f"`{t.fast}` >= {100 * t.min_accuracy:.1f}% " + ("on every seed" if t.every_seed else "mean")
+        ratios.append(
+            [
+                f"{slow} / `{t.fast}` fit + test",
+                f"{r['ratio']:.2f}x",
+                ", ".join(f"{v:.2f}x" for v in r["per_seed"].values()),
+                f">= {t.min_ratio:g}x",
+                f"{condition} ({'lowest' if t.every_seed else 'mean'}: {100 * r['accuracy']:.2f}%)",
+                "yes" if r["met"] else "no",
+            ]
+        )
+    if ratios:
+        header = ["ratio (of mean times)", "value", "per seed", "target", "accuracy condition", "met"]
+        out += ["", *_table(header, ratios, "lrrlll")]
+    shortened = sorted({str(r["overrides"]) for r in rows if r["overrides"]})
+    if shortened:
+        out += ["", f"Shortened runs ({'; '.join(shortened)}): a check that it runs, not a measurement."]
+    out += ["", machines_line(rows)]
+    return "\n".join(out)
+
+
+def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
+    """The markdown of a results file, whichever its layout."""
+    layout = layout_of(path)
+    rows = layout.read(path)
+    if layout is ZOO:
+        return zoo_table(rows, pairs)
+    if pairs:
+        raise ValueError("--pair is for zoo results")
+    return time_to_accuracy_tables(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="A results CSV (docs/results/*.csv).")
+    parser.add_argument(
+        "--pair", nargs=2, action="append", default=[], metavar=("A", "B"), help="Compare two configs of a zoo file."
+    )
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"no such file: {args.results}")
+    try:
+        print(render(args.results, [tuple(p) for p in args.pair]))
+    except ValueError as err:
+        parser.exit(1, f"results_tables.py: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

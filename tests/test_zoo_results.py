@@ -1,0 +1,138 @@
+"""benchmarks/zoo_results.py at tiny size, resuming, and the zoo table made from its CSV."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_lightning.stats import holm, paired_ttest
+
+ROOT = Path(__file__).parent.parent
+SCRIPT = ROOT / "benchmarks" / "zoo_results.py"
+
+
+def run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+@pytest.fixture
+def tables(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("results_tables")
+
+
+def zoo_row(config: str, seed: int, accuracy: float, overrides: str = "", **extra) -> dict:
+    row = {
+        "config": f"configs/{config}",
+        "overrides": overrides,
+        "model": "TinyVGG",
+        "parameters": 298410,
+        "seed": seed,
+        "test_accuracy": accuracy,
+        "macro_f1": accuracy - 0.0002,
+        "epochs": 20,
+        "seconds_per_epoch": 50.0 + seed,
+        "fit_seconds": 1100.0,
+        "test_seconds": 25.0,
+        "run_dir": f"lightning_logs/zoo/{config}_s{seed}/version_0",
+        "cpu": "Test CPU",
+        "cores": 2,
+        "torch": "2.4.1",
+        "device": "cpu",
+        "date": "2026-01-02",
+    }
+    return {**row, **extra}
+
+
+@pytest.mark.slow
+def test_one_config_one_seed(tmp_path, data_dir, tables):
+    csv, logs = tmp_path / "zoo.csv", tmp_path / "logs"
+    args = ["--configs", "configs/linear.yaml", "--seeds", "1", "--limit-batches", "2", "--max-epochs", "1"]
+    done = run(SCRIPT, *args, "--csv", str(csv), "--log-dir", str(logs), "--data-dir", str(data_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = tables.ZOO.read(csv)
+    limits = "--trainer.limit_train_batches=2 --trainer.limit_val_batches=2 --trainer.limit_test_batches=2"
+    assert row["config"] == "configs/linear.yaml"
+    assert row["overrides"] == f"{limits} --trainer.max_epochs=1"
+    assert (row["model"], row["parameters"], row["seed"], row["epochs"]) == ("LinearClassifier", 7850, 1, 1)
+    assert 0 <= row["test_accuracy"] <= 1
+    assert 0 <= row["macro_f1"] <= 1
+    assert min(row["seconds_per_epoch"], row["fit_seconds"], row["test_seconds"]) > 0
+    assert Path(row["run_dir"]) == logs / "linear_s1" / "version_0"
+    assert (Path(row["run_dir"]) / "report" / "predictions.csv").is_file()
+    assert row["cores"] >= 1
+    assert row["cpu"]
+    assert row["torch"]
+    assert row["date"]
+    table = next(ln for ln in done.stdout.splitlines() if ln.startswith("| `LinearClassifier` | 7,850 | `linear.yaml`"))
+    assert "(shortened: `--trainer.limit_train_batches=2" in table
+    assert table.endswith("| best |")
+    assert f"| **{100 * row['test_accuracy']:.2f}%** |" in table
+
+
+def test_resumes_what_is_not_in_the_csv_yet(tmp_path, tables):
+    csv = tmp_path / "zoo.csv"
+    tables.ZOO.append(csv, zoo_row("linear.yaml", 1, 0.84))
+    done = run(SCRIPT, "--configs", "./configs/linear.yaml", "--seeds", "1", "--csv", str(csv))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skip configs/linear.yaml seed 1" in done.stderr
+    assert "run " not in done.stderr
+    assert len(tables.ZOO.read(csv)) == 1
+    assert "| `linear.yaml` | 1 | **84.00%** |" in done.stdout
+
+
+def test_refuses_a_results_file_of_another_layout(tmp_path):
+    csv = tmp_path / "other.csv"
+    csv.write_text("run,seed\nfast,1\n")
+    done = run(SCRIPT, "--configs", "configs/linear.yaml", "--csv", str(csv))
+    assert done.returncode == 2
+    assert "is not a zoo results file" in done.stderr
+
+
+def test_zoo_table_mean_std_paired_tests_and_pairs(tmp_path, tables, capsys):
+    accuracies = {
+        "tinyvgg.yaml": [0.9444, 0.9431, 0.9452],
+        "fashioncnn.yaml": [0.9359, 0.9372, 0.9348],
+        "fashioncnn_study001.yaml": [0.9012, 0.9030, 0.8990],
+        "resnet_se.yaml": [0.9326],
+    }
+    csv = tmp_path / "zoo.csv"
+    for config, values in accuracies.items():
+        for seed, accuracy in enumerate(values, 1):
+            tables.ZOO.append(csv, zoo_row(config, seed, accuracy))
+    tables.ZOO.append(csv, zoo_row("tinyvgg_wide_study002.yaml", 1, 0.8781, "--trainer.max_epochs=3", epochs=3))
+    tables.main([str(csv), "--pair", "fashioncnn.yaml", "fashioncnn_study001"])  # in-process: no start-up cost
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split(" | ")[2]: ln for ln in lines if ln.startswith("| `TinyVGG`")}
+    assert "| 3 | **94.42 ± 0.11%** | 0.9440 ± 0.0011 | 20 | 52.0 ± 1.0 | best |" in rows["`tinyvgg.yaml`"]
+    best = accuracies["tinyvgg.yaml"]
+    p = [paired_ttest(best, accuracies[c]).p_value for c in ("fashioncnn.yaml", "fashioncnn_study001.yaml")]
+    adjusted = holm(p)
+    assert rows["`fashioncnn.yaml`"].endswith(f"| {p[0]:.2g} ({adjusted[0]:.2g}) |")
+    assert rows["`fashioncnn_study001.yaml`"].endswith(f"| {p[1]:.2g} ({adjusted[1]:.2g}) |")
+    assert "| 1 | 93.26% | 0.9324 | 20 | 51.0 |  |" in rows["`resnet_se.yaml`"]  # one seed: no std, no test
+    assert "| 1 | 87.81% |" in rows["`tinyvgg_wide_study002.yaml` (shortened: `--trainer.max_epochs=3`)"]
+    pair = next(ln for ln in lines if ln.startswith("| `fashioncnn.yaml` | `fashioncnn_study001` |"))
+    diff = paired_ttest(accuracies["fashioncnn.yaml"], accuracies["fashioncnn_study001.yaml"])
+    assert pair == (
+        f"| `fashioncnn.yaml` | `fashioncnn_study001` | 3 | +3.49 | [{100 * diff.ci_low:+.2f}, "
+        f"{100 * diff.ci_high:+.2f}] | {diff.p_value:.2g} |"
+    )
+    assert lines[-1] == "Machine: Test CPU, 2 cores, torch 2.4.1, cpu; measured 2026-01-02."
+
+
+def test_zoo_table_names_every_machine_and_refuses_unknown_pairs(tmp_path, tables, capsys):
+    csv = tmp_path / "zoo.csv"
+    tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", 1, 0.94))
+    tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", 2, 0.94, cpu="Other CPU", date="2026-02-03"))
+    text = tables.render(csv)
+    assert text.splitlines()[-1] == (
+        "Machines (several: compare rows of one machine only): Test CPU, 2 cores, torch 2.4.1, cpu; "
+        "Other CPU, 2 cores, torch 2.4.1, cpu; measured 2026-01-02 to 2026-02-03."
+    )
+    with pytest.raises(SystemExit) as exit_:
+        tables.main([str(csv), "--pair", "tinyvgg.yaml", "mlp.yaml"])
+    assert exit_.value.code == 1
+    assert "no full-length row of config 'mlp.yaml'" in capsys.readouterr().err
