@@ -63,9 +63,7 @@ def trained_files(study_dir: Path) -> list[str]:
 def launch(tmp_path: Path, argv: list[str], log_name: str) -> subprocess.Popen:
     """A sweep command in its own process (so it can be killed with SIGKILL)."""
     log = (tmp_path / log_name).open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "fmnist_lightning", *argv], cwd=tmp_path, stdout=log, stderr=log
-    )
+    return subprocess.Popen([sys.executable, "-m", "fmnist_lightning", *argv], cwd=tmp_path, stdout=log, stderr=log)
 
 
 def wait_for(condition, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> None:
