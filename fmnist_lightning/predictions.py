@@ -181,7 +181,7 @@ def read_predictions(path: str | Path) -> Predictions:
             index, files, labels, preds, probs = [], [], [], [], []
             for row in reader:
                 index.append(int(row[col["index"]]))
-                files.append(row[col["file"]])
+                files.append(row[col["file"]] if "file" in col else "")  # reports before the file column
                 label = row[col["label"]]
                 labels.append(int(label) if label != "" else None)
                 preds.append(int(row[col["pred"]]))
