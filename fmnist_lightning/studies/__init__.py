@@ -41,7 +41,7 @@ def run_kfold(
     fit_args: Sequence[str],
     num_folds: int | None = None,
     seeds: int | Sequence[int] = 1,
-    jobs: int = 1,
+    jobs: int | None = None,
     storage: str | None = None,
     heartbeat_interval: int = HEARTBEAT_INTERVAL,
     grace_period: int = GRACE_PERIOD,
@@ -58,7 +58,8 @@ def run_kfold(
         fit_args: The ``fit`` command line without ``fit``, e.g. ``["--config", "configs/lightweight.yaml"]``.
         num_folds: K >= 2; None takes ``data.num_folds`` from the config.
         seeds: Number of training seeds counted up from the config's ``seed_everything``, or the seeds.
-        jobs: Worker processes on this machine.
+        jobs: Worker processes on this machine; None: one per core on a CPU
+            (:func:`~fmnist_lightning.studies.engine.default_jobs`).
         storage: Optuna storage: None (a journal file in the study folder), a journal path or a database URL.
         heartbeat_interval: Seconds between heartbeats of a running training.
         grace_period: Seconds without a heartbeat after which a training counts as dead and is redone.
@@ -80,7 +81,7 @@ def run_sweep(
     sweep_file: str | Path,
     num_folds: int | None = None,
     seeds: int | Sequence[int] | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     storage: str | None = None,
     refit: bool = False,
     heartbeat_interval: int = HEARTBEAT_INTERVAL,
@@ -101,7 +102,8 @@ def run_sweep(
         sweep_file: The sweep YAML (see :mod:`fmnist_lightning.studies.spec`).
         num_folds: Score every point by K-fold CV; None: the file's ``num_folds``, else the fixed split.
         seeds: Training seeds per point (count or list); None: the file's ``seeds``, else 1.
-        jobs: Worker processes on this machine (each with cores // jobs torch threads).
+        jobs: Worker processes on this machine (each with cores // jobs torch threads); None: one per
+            core on a CPU (:func:`~fmnist_lightning.studies.engine.default_jobs`).
         storage: Optuna storage: None (journal in the study folder), a journal path or a database URL.
         refit: Then train the best point (every arm of an ablation) on the config's own split and test it.
         heartbeat_interval: Seconds between heartbeats of a running training.

@@ -83,7 +83,7 @@ class Session:
     Attributes:
         plan: What to train.
         storage: None (journal file in the study folder), a journal file path or a database URL.
-        jobs: Worker processes on this machine (1: train in this process).
+        jobs: Worker processes on this machine (1: train in this process); None: :func:`default_jobs`.
         refit: Refit the best point (every ablation arm) on the full split and test it.
         heartbeat_interval: Seconds between heartbeats of a running trial.
         grace_period: Seconds without a heartbeat after which a trial counts as dead.
@@ -93,12 +93,16 @@ class Session:
 
     plan: StudyPlan
     storage: str | None = None
-    jobs: int = 1
+    jobs: int | None = None
     refit: bool = False
     heartbeat_interval: int = 20
     grace_period: int = 120
     threads: int | None = None
     command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.jobs is None:
+            self.jobs = default_jobs()
 
     @property
     def study_name(self) -> str:
@@ -114,6 +118,31 @@ def say(message: str) -> None:
 def cpu_count() -> int:
     """Cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: Memory set aside per worker process by :func:`default_jobs`: a whole ``fit`` process peaks near
+#: 1.1 GB (README, Performance), so twice that leaves room for the system and the other workers.
+WORKER_MEMORY_BYTES = 2 * 1024**3
+
+
+def default_jobs() -> int:
+    """Worker processes when ``--jobs`` is not given: one single-threaded worker per core on a CPU.
+
+    Measured with ``benchmarks/sweep_throughput.py`` on 2 cores (README, Studies): two workers of one
+    thread each trained 3.5x (LightweightCNN) and TINYVGG_RATIO (TinyVGG) as many images per second as one
+    worker with two threads, because one training cannot keep two cores busy through its per-step
+    overhead, validation and start-up. Capped by memory (:data:`WORKER_MEMORY_BYTES` each). With a
+    CUDA or MPS device, one worker (the trainings share the device; not measured here).
+    """
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): cores decide
+        memory = cpu_count() * WORKER_MEMORY_BYTES
+    return max(1, min(cpu_count(), memory // WORKER_MEMORY_BYTES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +286,9 @@ def run_workers(session: Session, study: optuna.Study) -> None:
     threads = session.threads or max(1, cpu_count() // session.jobs)
     context = mp.get_context("spawn")  # a clean interpreter: no forked OpenMP or Lightning state
     barrier = context.Barrier(session.jobs)
+    parent = os.getpid()
     procs = [
-        context.Process(target=_worker_process, args=(session, i, threads, barrier), name=f"study-worker-{i}")
+        context.Process(target=_worker_process, args=(session, i, threads, barrier, parent), name=f"study-worker-{i}")
         for i in range(session.jobs)
     ]
     with _thread_env(threads):  # read by OpenMP when torch loads in the child
@@ -298,8 +328,9 @@ def _thread_env(threads: int) -> Iterator[None]:
                 os.environ[n] = v
 
 
-def _worker_process(session: Session, index: int, threads: int, barrier: Any) -> None:
+def _worker_process(session: Session, index: int, threads: int, barrier: Any, parent: int) -> None:
     """Body of a worker process: load the study, start together with the others, work the queue."""
+    _exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
@@ -313,6 +344,28 @@ def _worker_process(session: Session, index: int, threads: int, barrier: Any) ->
         work(session, study, index)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this worker process soon after the sweep command that started it is gone, even by ``kill -9``.
+
+    Otherwise orphaned workers would go on claiming and training cells that nobody waits for. The
+    cell it was training stays RUNNING with this process's id, and is queued again by the next run
+    (its process is gone) or by heartbeats elsewhere; checkpoints are written atomically, so dying
+    mid-write loses at most the epoch under way.
+    """
+    if sys.platform.startswith("linux"):  # the kernel kills it the moment the parent dies
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+    def watch() -> None:  # elsewhere (and if the parent died before prctl): poll
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
