@@ -618,6 +618,8 @@ def _quiet() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoAdverts())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # kfold/sweep train each cell through LightningCLI(args=...) while sys.argv holds the study's command.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
 def main(args: list[str] | dict[str, Any] | None = None) -> Any:

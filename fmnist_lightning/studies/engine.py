@@ -128,11 +128,12 @@ WORKER_MEMORY_BYTES = 2 * 1024**3
 def default_jobs() -> int:
     """Worker processes when ``--jobs`` is not given: one single-threaded worker per core on a CPU.
 
-    Measured with ``benchmarks/sweep_throughput.py`` on 2 cores (README, Studies): two workers of one
-    thread each trained 3.5x (LightweightCNN) and TINYVGG_RATIO (TinyVGG) as many images per second as one
-    worker with two threads, because one training cannot keep two cores busy through its per-step
-    overhead, validation and start-up. Capped by memory (:data:`WORKER_MEMORY_BYTES` each). With a
-    CUDA or MPS device, one worker (the trainings share the device; not measured here).
+    Measured with ``benchmarks/sweep_throughput.py`` on 2 cores (README, Studies;
+    ``docs/results/sweep_throughput.json``): two workers of one thread each trained 1.09x
+    (LightweightCNN) and 1.10x (TinyVGG) as many images per second as one worker with two threads,
+    as one training does not keep two cores busy through its start-up, validation and per-step
+    overhead. Capped by memory (:data:`WORKER_MEMORY_BYTES` each). With a CUDA or MPS device, one
+    worker (the trainings would share the device; not measured).
     """
     import torch
 
