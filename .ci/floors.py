@@ -9,7 +9,6 @@ import sys
 from importlib.metadata import version
 
 import tomllib
-from packaging.version import Version
 
 SKIP = {"torch", "torchvision"}
 
@@ -34,6 +33,8 @@ if __name__ == "__main__":
     if not check:
         print("\n".join(f"{name}=={floor}" for name, floor in pins.items()))
         sys.exit(0)
+    from packaging.version import Version  # installed with the package (lightning needs it), not before
+
     wrong = {name: version(name) for name, floor in pins.items() if Version(version(name)) != Version(floor)}
     if wrong:
         sys.exit(f"floors.py: not at their floors: {wrong}")
