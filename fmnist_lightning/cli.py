@@ -334,6 +334,7 @@ class FashionMNISTCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {ckpt_path} is not supported by fit; use `last` or a checkpoint's path.")
         self.checkpoint = load_checkpoint(cfg.ckpt_path)
         self._check_architecture(cfg)
+        self._check_normalization(cfg)
         run = run_dir_of_checkpoint(Path(cfg.ckpt_path))
         if run is not None and init is not None and "save_dir" in init:
             # Continue (fit) or evaluate (the rest) in the checkpoint's own run folder.
@@ -359,6 +360,18 @@ class FashionMNISTCLI(LightningCLI):
                 f"checkpoint {cfg.ckpt_path} holds a {describe(saved)}, but the config builds a {describe(wanted)}. "
                 "Use the config the checkpoint was trained with (its run folder's config.yaml)."
             )
+
+    def _check_normalization(self, cfg: Namespace) -> None:
+        """Refuse a checkpoint trained on differently normalised inputs: its predictions would be wrong, silently."""
+        saved = ((self.checkpoint or {}).get("datamodule_hyper_parameters") or {}).get("normalization")
+        wanted = (cfg.get("data") or {}).get("normalization")
+        if saved is None or wanted is None or saved == wanted:
+            return
+        raise CheckpointError(
+            f"checkpoint {cfg.ckpt_path} was trained with --data.normalization {saved}, but the config gives "
+            f"{wanted}. Use the config the checkpoint was trained with (its run folder's config.yaml), or "
+            f"--data.normalization {saved}."
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: the config's model is used, and checked against the checkpoint in :meth:`_settle_run`.

@@ -153,6 +153,7 @@ CASES = [
     ("resume from a corrupt checkpoint", lambda w, d: ["fit", *TINYVGG, *fit_args(w, d, f"--ckpt_path={w / 'ckpts' / 'truncated.ckpt'}")], "corrupt"),
     ("checkpoint of another architecture", lambda w, d: ["test", *TINYVGG, *fit_args(w, d, f"--ckpt_path={w / 'logs' / 'linear' / 'version_0' / 'checkpoints' / 'last.ckpt'}")], "LinearClassifier"),
     ("checkpoint of other widths", lambda w, d: ["test", "--config", str(ROOT / "configs" / "tinyvgg.yaml"), *fit_args(w, d, f"--ckpt_path={w / 'logs' / 'tinyvgg' / 'version_0' / 'checkpoints' / 'last.ckpt'}")], "widths"),
+    ("checkpoint of another normalisation", lambda w, d: ["predict", *TINYVGG, *fit_args(w, d, "--data.normalization=unit", "--ckpt_path=last")], "normalization dataset"),
     ("best without a run", lambda w, d: ["test", "--config", str(ROOT / "configs" / "mlp.yaml"), *fit_args(w, d, "--ckpt_path=best")], "Run `fit`"),
     ("best from a corrupt last.ckpt", lambda w, d: ["test", *TINYVGG, *fast_fit_args(d, w / "broken_logs", "--ckpt_path=best")], "corrupt"),
     ("last from a corrupt last.ckpt", lambda w, d: ["validate", *TINYVGG, *fast_fit_args(d, w / "broken_logs", "--ckpt_path=last")], "corrupt"),
