@@ -334,6 +334,24 @@ def test_a_trial_without_heartbeat_from_another_machine_is_queued_again(tmp_path
     assert reclaim_dead_trials(study) == 0  # and only once
 
 
+@pytest.mark.parametrize("kind", ["journal", "database"])
+def test_a_trial_claimed_but_never_signed_is_queued_again(tmp_path, kind):
+    # A worker killed between claiming a trial (RUNNING) and signing it leaves neither its worker nor,
+    # on a database, a heartbeat row, which Optuna's fail_stale_trials skips: the sweep waited for ever.
+    url = None if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url, tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
+    waiting = study.get_trials()[0]
+    assert storage.set_trial_state_values(waiting._trial_id, state=optuna.trial.TrialState.RUNNING)
+    assert reclaim_dead_trials(study) == 0  # just claimed: its worker may be signing it now
+    time.sleep(2.5)
+    assert reclaim_dead_trials(study) == 1
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.get_trials()[1].user_attrs["cell"] == "a/seed1"
+    assert reclaim_dead_trials(study) == 0
+
+
 def test_cv_comparison_averages_seeds_within_folds_then_corrects_for_overlap():
     plan = StudyPlan("ablation", "a", [], "logs", "x", num_folds=3, seeds=[1, 2], reference="reference")
     ref, var = Point("reference"), Point("v")

@@ -49,6 +49,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from fmnist_lightning.errors import FashionMNISTError
@@ -401,7 +402,10 @@ def claim(study: optuna.Study, plan: StudyPlan) -> optuna.Trial | None:
                 continue  # another worker took it first
         except UpdateFinishedTrialError:
             continue
-        trial = _accept(study, plan, waiting._trial_id)
+        try:
+            trial = _accept(study, plan, waiting._trial_id)
+        except UpdateFinishedTrialError:
+            continue  # reclaimed as unsigned before this worker signed it (it stalled a whole grace period)
         if trial is not None:
             return trial
     if plan.kind == "search" and len(_original_points(study.get_trials(deepcopy=False))) < (plan.n_trials or 0):
@@ -414,6 +418,10 @@ def _accept(study: optuna.Study, plan: StudyPlan, trial_id: int) -> optuna.Trial
     """Sign a claimed trial with this worker; drop it (PRUNED) if it duplicates a lower-numbered trial."""
     storage = study._storage
     number = storage.get_trial(trial_id).number
+    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval():
+        # Beat before signing: a signed trial then always has a heartbeat, which any machine can
+        # see go stale (an unsigned one is reclaimed by its start time, see reclaim_dead_trials).
+        storage.record_heartbeat(trial_id)
     storage.set_trial_system_attr(trial_id, WORKER_ATTR, this_worker(number))
     frozen = storage.get_trial(trial_id)
     key = frozen.user_attrs.get("cell")

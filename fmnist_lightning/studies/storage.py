@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -235,13 +236,38 @@ def _is_dead_here(worker: Any, trial_number: int) -> bool:
     return start is None or (bool(worker.get("start")) and bool(start) and start != worker["start"])
 
 
+def _grace_period(storage: BaseStorage) -> float | None:
+    """Seconds without a beat after which a RUNNING trial is stale; None without heartbeats."""
+    storage = getattr(storage, "_backend", storage)  # a study wraps a database in Optuna's _CachedStorage
+    if isinstance(storage, HeartbeatJournalStorage):
+        return storage._grace_period
+    if isinstance(storage, RDBStorage) and storage.heartbeat_interval:
+        return storage.grace_period or 2 * storage.heartbeat_interval  # Optuna's own default
+    return None
+
+
+def _unsigned_for(trial: FrozenTrial, worker: Any, grace: float | None) -> bool:
+    """Whether a RUNNING trial was claimed over ``grace`` seconds ago and never signed by its worker.
+
+    A worker killed between claiming a trial and signing it leaves no worker and, on a database,
+    no heartbeat row, which Optuna's ``fail_stale_trials`` skips: the trial would wait for ever.
+    Claims are signed (and beat once) within milliseconds, so a grace period is ample.
+    """
+    if grace is None or trial.datetime_start is None:
+        return False
+    if isinstance(worker, dict) and worker.get("trial") == trial.number:
+        return False
+    return (datetime.now() - trial.datetime_start).total_seconds() > grace
+
+
 def reclaim_dead_trials(study: optuna.Study) -> int:
     """Fail RUNNING trials whose worker is dead and queue them again; returns how many.
 
     Stale heartbeats (any machine) go through Optuna's ``fail_stale_trials``; trials of processes
-    that ended on this machine are failed at once. Either way the storage's retry callback makes
-    the WAITING copy, exactly once per trial: of two processes failing the same trial, the second
-    gets ``UpdateFinishedTrialError``.
+    that ended on this machine are failed at once, and so are trials claimed more than a grace
+    period ago by a worker that died before it signed them (:func:`_unsigned_for`). Either way the
+    storage's retry callback makes the WAITING copy, exactly once per trial: of two processes failing
+    the same trial, the second gets ``UpdateFinishedTrialError``.
     """
     storage = study._storage  # Optuna's own callbacks work on it; there is no public handle
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
@@ -249,8 +275,10 @@ def reclaim_dead_trials(study: optuna.Study) -> int:
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     callback = retry_callback()
+    grace = _grace_period(storage)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _is_dead_here(trial.system_attrs.get(WORKER_ATTR), trial.number):
+        worker = trial.system_attrs.get(WORKER_ATTR)
+        if not (_is_dead_here(worker, trial.number) or _unsigned_for(trial, worker, grace)):
             continue
         try:
             failed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
