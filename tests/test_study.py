@@ -220,15 +220,19 @@ def test_sweep_killed_with_sigkill_completes_only_the_missing_cells(tmp_path, da
     monkeypatch.chdir(tmp_path)
     sweep = sweep_file(tmp_path, "num_folds: 2\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
     logs = tmp_path / "logs"
-    args = study_args(data_dir, logs, "--trainer.max_epochs=3", "--trainer.limit_train_batches=10")
+    args = study_args(data_dir, logs, "--trainer.max_epochs=4", "--trainer.limit_train_batches=10")
     # Two worker processes (the default on a 2-core machine), so that killing the command must end them too.
     proc = launch(tmp_path, ["sweep", "--sweep", str(sweep), "--jobs", "2", *args], "killed.log")
 
     def unfinished() -> set[Path]:  # run folders with a checkpoint but no result yet
         return {p.parent.parent for p in logs.rglob("last.ckpt")} - {p.parent for p in logs.rglob("cell.json")}
 
-    # Kill it mid-training: one cell done, another one some epochs into its training.
-    wait_for(lambda: any(logs.rglob("cell.json")) and unfinished(), 120, "a cell done, one under way", [proc])
+    # Kill it mid-training: one cell done, another one some epochs into its training. The two workers
+    # start together, so when the first cell is done the other worker's cell is about done too: wait
+    # for a cell started after that, one epoch into its four, so the kill surely lands inside it.
+    wait_for(lambda: any(logs.rglob("cell.json")), 120, "a cell done", [proc])
+    started = {p.parent for p in logs.rglob("config.yaml")}
+    wait_for(lambda: unfinished() - started, 120, "a new cell one epoch in", [proc])
     workers = child_processes(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -249,7 +253,7 @@ def test_sweep_killed_with_sigkill_completes_only_the_missing_cells(tmp_path, da
     for folder in interrupted:  # the killed trainings went on from their last epoch, in their own folders
         record = json.loads((folder / "cell.json").read_text())
         assert record["resumed"] is True
-        assert record["epochs"] == 3
+        assert record["epochs"] == 4
     assert len(read_table(out / "cells.csv")) == 4
 
     before = trained_files(out)
