@@ -234,8 +234,9 @@ def run_recipe(args: argparse.Namespace, config: str, seed: int) -> dict:
     name = f"{Path(config).stem}_s{seed}"
     overrides = fit_test.limit_overrides(args.limit_batches, args.max_epochs)
     run = fit_test.fit_and_test(config, seed, name, args.log_dir, args.data_dir, overrides)
-    val = [r.get("val/acc", float("nan")) for r in run.history]
-    best_epoch = 1 + max(range(len(val)), key=lambda i: (val[i], -i)) if val else None
+    val = [r.get("val/acc", math.nan) for r in run.history]
+    validated = [i for i, v in enumerate(val) if not math.isnan(v)]  # a recipe may validate only some epochs
+    best_epoch = 1 + max(validated, key=lambda i: (val[i], -i)) if validated else None
     return {
         "run": Path(config).stem,
         "source": config,

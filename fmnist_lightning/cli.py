@@ -31,7 +31,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from fmnist_lightning import compare
-from fmnist_lightning.callbacks import EarlyStopping, EpochTimer, HParamsLogger, MetricsHistory, PredictionCSVWriter
+from fmnist_lightning.callbacks import (
+    EarlyStopping,
+    EpochTimer,
+    HParamsLogger,
+    MetricsHistory,
+    PredictionCSVWriter,
+    ValidationSchedule,
+)
 from fmnist_lightning.checkpoints import AtomicCheckpointIO, RunCheckpoint, load_checkpoint
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import CheckpointError, ConfigError, FashionMNISTError
@@ -277,6 +284,7 @@ class FashionMNISTCLI(LightningCLI):
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
+        parser.add_lightning_class_args(ValidationSchedule, "validation_schedule")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(EpochTimer, "epoch_timer")

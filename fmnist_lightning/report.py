@@ -35,7 +35,7 @@ from torchmetrics.functional.classification import (
 )
 
 from fmnist_lightning.data import CLASS_NAMES, shard_indices
-from fmnist_lightning.evaluation import add_figure, confusion_figure, curves_figure, image_grid
+from fmnist_lightning.evaluation import add_image, confusion_figure, curves_figure, image_grid, render, save_png
 from fmnist_lightning.predictions import write_predictions
 from fmnist_lightning.profiling import inference_speed, peak_memory
 from fmnist_lightning.runs import read_history, trainer_run_dir, unused_path
@@ -163,9 +163,11 @@ class TestReport(Callback):
         try:
             figures = self._figures(trainer, index, probs, targets, preds, results)
             for name, fig in figures.items():
-                fig.savefig(tmp / f"{name}.png", dpi=110)
+                fig.set_dpi(110)
+                pixels = render(fig)  # drawn once for both the PNG and TensorBoard
+                save_png(pixels, tmp / f"{name}.png")
                 if name not in ("confusion_matrix", "training_curves"):  # EpochMetrics logs the matrix
-                    add_figure(trainer, f"test/{name}", fig)
+                    add_image(trainer, f"test/{name}", pixels)
             write_predictions(tmp / "predictions.csv", probs, names, labels=targets, indices=index.tolist())
             if self.config is not None:
                 (tmp / "config.yaml").write_text(self.config)

@@ -207,7 +207,8 @@ def _write_history(file: Path, keys: Iterable[str], rows: list[Mapping[str, floa
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(keys))
         writer.writeheader()
-        writer.writerows(rows)
+        # read_history parses every cell as a float: the counters go back to integers ("3", not "3.0").
+        writer.writerows({k: int(v) if k in ("epoch", "step") else v for k, v in row.items()} for row in rows)
     tmp.replace(file)
 
 

@@ -1,4 +1,5 @@
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fmnist_lightning import ClassificationTask
 from fmnist_lightning.cli import main
 from fmnist_lightning.precision import cpu_has_native_bf16, resolve_precision
+from fmnist_lightning.runs import read_history
 
 from .conftest import CONFIGS, fast_fit_args
 
@@ -81,6 +83,16 @@ def test_every_config_parses_and_runs(tmp_path, data_dir, monkeypatch, config):
     small_batches = ["--data.batch_size=16", "--data.eval_batch_size=32"]
     cli = main(["fit", "--config", str(config), *fast_fit_args(data_dir, tmp_path, *small_batches)])
     assert 0 <= cli.trainer.callback_metrics["val/acc"] <= 1
+
+
+def test_last_epoch_only_validation_follows_max_epochs(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.max_epochs=3", "--validation_schedule.last_epoch_only=true"]
+    main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, tmp_path / "logs", *args)])
+    run = tmp_path / "logs" / "tinyvgg" / "version_0"
+    validated = [not math.isnan(row.get("val/acc", math.nan)) for row in read_history(run)]
+    assert validated == [False, False, True]
+    assert [p.name[:12] for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch02"]
 
 
 def test_print_config(capsys):

@@ -127,6 +127,7 @@ CASES = [
     # trainer and config
     ("max_epochs negative", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--trainer.max_epochs=-5")], "max_epochs"),
     ("max_epochs not a number", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--trainer.max_epochs=abc")], "max_epochs"),
+    ("last-epoch validation of an open-ended fit", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--validation_schedule.last_epoch_only=true", "--trainer.max_epochs=-1")], "last_epoch_only"),
     ("unknown precision", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--trainer.precision=bogus")], "precision"),
     ("gpu asked for, none here", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--trainer.accelerator=cuda")] if not torch.cuda.is_available() else None, "cuda"),
     ("unknown data key", lambda w, d: ["fit", *LINEAR, *fit_args(w, d, "--data.no_such_key=1")], "no_such_key"),

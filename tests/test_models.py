@@ -123,3 +123,46 @@ def test_transfer_loads_a_local_state_dict_into_the_adapted_stem(tmp_path):
 def test_transfer_unknown_weights_name_is_a_clear_error():
     with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
         models.ResNet18Transfer(weights="IMAGENET_BEST")
+
+
+def normalised(arrays, n: int) -> torch.Tensor:
+    """The first ``n`` training images as the data module feeds them: (n, 1, 28, 28), dataset-normalised."""
+    from fmnist_lightning.data import DATASET_MEAN, DATASET_STD
+
+    return (arrays["train_images"][:n].float().div(255).unsqueeze(1) - DATASET_MEAN) / DATASET_STD
+
+
+def test_airbench_stem_whitens_the_patches_of_real_images(arrays):
+    x = normalised(arrays, 256)
+    model = models.AirbenchNet()
+    assert model.init_from_batch(x)
+    out = model.stem(x) - model.stem.bias.view(1, -1, 1, 1)  # (256, 8, 27, 27): 4 directions and their negatives
+    covariance = torch.cov(out[:, :4].permute(1, 0, 2, 3).flatten(1))
+    # Decorrelated, unit variance (up to eps in the smallest direction's scaling).
+    assert torch.allclose(covariance, torch.eye(4), atol=0.05)
+    assert torch.allclose(out[:, 4:], -out[:, :4])
+    assert not model.stem.weight.requires_grad
+
+
+def test_airbench_stem_is_set_once_and_travels_with_the_weights(arrays):
+    x = normalised(arrays, 128)
+    model = models.AirbenchNet()
+    model.init_from_batch(x)
+    stem = model.stem.weight.clone()
+    assert not model.init_from_batch(x[64:])  # a second batch changes nothing
+    assert torch.equal(model.stem.weight, stem)
+    reloaded = models.AirbenchNet()
+    reloaded.load_state_dict(model.state_dict())
+    assert not reloaded.init_from_batch(x)  # a reloaded (or resumed) network keeps its stem
+    assert torch.equal(reloaded.stem.weight, stem)
+    assert model.init_from_batch(x[64:], force=True)
+    assert not torch.equal(model.stem.weight, stem)
+
+
+def test_airbench_without_a_stem_sees_the_image():
+    model = models.AirbenchNet(whitening_kernel=0)
+    assert model.stem is None
+    assert not model.init_from_batch(torch.randn(4, 1, 28, 28))
+    assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    with pytest.raises(ValueError, match="whitening_kernel"):
+        models.AirbenchNet(whitening_kernel=-1)

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from fmnist_lightning.models.airbench import AirbenchNet
 from fmnist_lightning.models.convnet import PRESET_PARAMETERS, PRESETS, ConvNet
 from fmnist_lightning.models.linear import LinearClassifier
 from fmnist_lightning.models.mlp import MLP
@@ -19,6 +20,7 @@ __all__ = [
     "MLP",
     "PRESETS",
     "PRESET_PARAMETERS",
+    "AirbenchNet",
     "ConvNet",
     "LinearClassifier",
     "ResNet",
@@ -26,7 +28,7 @@ __all__ = [
     "TinyVGG",
     "build",
 ]
-MODEL_CLASSES = (ConvNet, LinearClassifier, MLP, ResNet, ResNet18Transfer, TinyVGG)
+MODEL_CLASSES = (AirbenchNet, ConvNet, LinearClassifier, MLP, ResNet, ResNet18Transfer, TinyVGG)
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,74 @@
+"""ClassificationTask's hook for networks with a data-dependent initialisation (AirbenchNet's whitening stem)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
+from fmnist_lightning.models import AirbenchNet
+
+
+class FirstBatch(Callback):
+    """Keep the images of the first training batch as the task receives them (callbacks run first)."""
+
+    def __init__(self) -> None:
+        self.images: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.images is None:
+            self.images = batch[0].clone()
+
+
+def small_fit(data_dir: Path, tmp_path: Path, model: AirbenchNet, *callbacks: Callback, **trainer_args) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **trainer_args,
+    )
+    trainer.fit(ClassificationTask(model), FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64))
+    return trainer
+
+
+def test_fit_whitens_the_stem_from_its_first_training_batch_and_keeps_it_frozen(data_dir, tmp_path):
+    model = AirbenchNet(widths=(8, 16, 16))
+    first = FirstBatch()
+    small_fit(data_dir, tmp_path, model, first)
+    reference = AirbenchNet(widths=(8, 16, 16))
+    reference.init_from_batch(first.images)
+    # Two epochs of training later, the stem is still the whitening of the first batch.
+    assert bool(model.stem_ready)
+    assert torch.allclose(model.stem.weight, reference.stem.weight)
+    assert not torch.equal(model.stem.bias, torch.zeros_like(model.stem.bias))  # its bias trains
+
+
+class StemsAgree(Callback):
+    """Under DDP, write whether every rank ended with rank 0's stem (rank 0 writes the file)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        stems = pl_module.all_gather(pl_module.model.stem.weight)  # (world_size, 8, 1, 2, 2)
+        if trainer.is_global_zero:
+            Path(self.out).write_text(str(all(torch.equal(stems[0], s) for s in stems[1:])))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_rank_zeros_whitening(data_dir, tmp_path):
+    # Each rank's first batch is another shard of the data, so without the broadcast the stems differ.
+    out = tmp_path / "agree.txt"
+    small_fit(
+        data_dir, tmp_path, AirbenchNet(widths=(8, 16, 16)), StemsAgree(str(out)), strategy="ddp_spawn", devices=2
+    )
+    assert out.read_text() == "True"
