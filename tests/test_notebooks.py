@@ -67,8 +67,8 @@ def check_quickstart(ns: dict, folder: Path, arrays: dict[str, torch.Tensor]) ->
     # The split: 500 validation images of each class.
     assert ns["train_counts"].sum() == 55_000
     assert ns["val_counts"].tolist() == [500] * len(CLASS_NAMES)
-    # Samples: one row per class, in class order.
-    titles = [ax.get_title() for ax in ns["samples"].axes]
+    # Samples: one row per class, in class order (the grid is one picture, its titles text on it).
+    titles = [text.get_text() for text in ns["samples"].axes[0].texts]
     assert titles == [name for name in CLASS_NAMES for _ in range(ns["PER_CLASS"])]
     # The run folder and its curves: one history row per epoch.
     run = ns["run"]
