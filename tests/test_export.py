@@ -24,7 +24,7 @@ from fmnist_lightning.export import (
     load_exported,
     load_task,
 )
-from fmnist_lightning.models import TinyVGG
+from fmnist_lightning.models import AirbenchNet, TinyVGG
 from fmnist_lightning.task import ClassificationTask
 
 from .conftest import fast_fit_args
@@ -119,6 +119,18 @@ def test_export_task_built_in_python(test_images, tmp_path):
     images, _ = test_images
     out = export_task(task, "onnx", tmp_path / "python.onnx", normalization="symmetric")
     expected = pytorch_logits(task, "symmetric", images[:500], tta=False)
+    assert (load_exported(out)(images[:500]) - expected).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_airbench_net_with_its_whitening_stem_exports(test_images, tmp_path, fmt):
+    # configs/fast.yaml's network: a frozen data-set stem, GELU, global max-pool, scaled logits, flip TTA.
+    images, _ = test_images
+    model = AirbenchNet(widths=(8, 16, 16))
+    model.init_from_batch((images[:256] - 0.5) / 0.5)
+    task = ClassificationTask(model, tta_flip=True).eval()
+    out = export_task(task, fmt, tmp_path / f"airbench.{fmt}", normalization="symmetric")
+    expected = pytorch_logits(task, "symmetric", images[:500], tta=True)
     assert (load_exported(out)(images[:500]) - expected).abs().max() < TOLERANCE
 
 

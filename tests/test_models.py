@@ -166,3 +166,11 @@ def test_airbench_without_a_stem_sees_the_image():
     assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     with pytest.raises(ValueError, match="whitening_kernel"):
         models.AirbenchNet(whitening_kernel=-1)
+
+
+def test_airbench_block_convolutions_start_as_the_identity():
+    conv = models.AirbenchNet().blocks[1][0]  # 24 -> 48 channels
+    x = torch.randn(2, 24, 6, 6)
+    out = conv(x)
+    assert torch.equal(out[:, :24], x)  # the first 24 filters pass their channel through
+    assert out[:, 24:].abs().sum() > 0  # the rest start random
