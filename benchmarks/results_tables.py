@@ -102,7 +102,7 @@ ZOO = Layout(
     "zoo",
     {
         "config": str,
-        "overrides": str,
+        "overrides": str,  # CLI overrides: what shortened the run, or its precision ("" for neither)
         "model": str,
         "parameters": int,
         "seed": int,
@@ -230,14 +230,27 @@ def _by_seed(rows: Sequence[Mapping[str, object]], field: str = "test_accuracy")
     return {int(r["seed"]): float(r[field]) for r in rows}
 
 
+def shortened(overrides: str) -> bool:
+    """Whether a run's overrides cut it short (fewer batches or epochs), unlike ``--trainer.precision``."""
+    return any(o.startswith(("--trainer.limit_", "--trainer.max_epochs")) for o in overrides.split())
+
+
 def _config_label(config: str, overrides: str) -> str:
     name = Path(config).name
-    return f"`{name}`" + (f" (shortened: `{overrides}`)" if overrides else "")
+    if not overrides:
+        return f"`{name}`"
+    return f"`{name}` ({'shortened: ' if shortened(overrides) else ''}`{overrides}`)"
 
 
 def _row_matches(key: tuple, wanted: str) -> bool:
+    """Whether a row is ``wanted``: a config's name, then its overrides if it has any (a precision)."""
     config, overrides = key
-    return not overrides and wanted in (config, Path(config).name, Path(config).stem)
+    name, _, wanted_overrides = wanted.partition(" ")
+    return (
+        not shortened(overrides)
+        and wanted_overrides.strip() == overrides
+        and name in (config, Path(config).name, Path(config).stem)
+    )
 
 
 def paired_by_seed(a: Mapping[int, float], b: Mapping[int, float]):
@@ -267,7 +280,7 @@ def zoo_table(rows: Sequence[Mapping[str, object]], pairs: Sequence[tuple[str, s
 
     groups = _group(rows, "config", "overrides")
     means = {k: statistics.mean(float(r["test_accuracy"]) for r in g) for k, g in groups.items()}
-    full = [k for k in groups if not k[1]] or list(groups)  # a shortened row is never "the best"
+    full = [k for k in groups if not shortened(k[1])] or list(groups)  # a shortened row is never "the best"
     best = max(full, key=means.__getitem__)
     tests = {k: paired_by_seed(_by_seed(groups[best]), _by_seed(g)) for k, g in groups.items() if k != best}
     keys = [k for k, t in tests.items() if t is not None]
@@ -427,9 +440,9 @@ def time_to_accuracy_tables(rows: Sequence[Mapping[str, object]]) -> str:
     if ratios:
         header = ["ratio (of mean times)", "value", "per seed", "target", "accuracy condition", "met"]
         out += ["", *_table(header, ratios, "lrrlll")]
-    shortened = sorted({str(r["overrides"]) for r in rows if r["overrides"]})
-    if shortened:
-        out += ["", f"Shortened runs ({'; '.join(shortened)}): a check that it runs, not a measurement."]
+    cut = sorted({str(r["overrides"]) for r in rows if shortened(str(r["overrides"]))})
+    if cut:
+        out += ["", f"Shortened runs ({'; '.join(cut)}): a check that it runs, not a measurement."]
     out += ["", machines_line(rows)]
     return "\n".join(out)
 
@@ -449,7 +462,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="A results CSV (docs/results/*.csv).")
     parser.add_argument(
-        "--pair", nargs=2, action="append", default=[], metavar=("A", "B"), help="Compare two configs of a zoo file."
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="Compare two configs of a zoo file: a name, then its overrides if the row has any "
+        "('a.yaml --trainer.precision=bf16-mixed').",
     )
     args = parser.parse_args(argv)
     if not args.results.is_file():

@@ -14,6 +14,8 @@ is reported and the others go on; the exit status is then 1.
 Usage:
     python benchmarks/zoo_results.py --configs configs/*.yaml --seeds 1 2 3 --csv docs/results/zoo.csv
     python benchmarks/zoo_results.py --configs configs/resnet_se.yaml --seeds 1 --csv docs/results/zoo.csv
+    python benchmarks/zoo_results.py --configs configs/tinyvgg.yaml --seeds 1 2 3 --precision bf16-mixed \\
+        --csv docs/results/zoo.csv          # another precision: the table names it with the row
     python benchmarks/zoo_results.py --configs configs/tinyvgg_wide_study002.yaml --seeds 1 --max-epochs 3 \\
         --csv docs/results/zoo.csv          # shortened: the table marks the row with its overrides
     python benchmarks/results_tables.py docs/results/zoo.csv --pair fashioncnn.yaml fashioncnn_study001.yaml
@@ -56,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-dir", default="lightning_logs/zoo", help="Where the runs go (<config>_s<seed>).")
     parser.add_argument("--limit-batches", type=int, default=None, help="Shortened runs: N batches per stage.")
     parser.add_argument("--max-epochs", type=int, default=None, help="Shortened runs: N epochs.")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="--trainer.precision for every run (bf16-mixed...); a row's overrides name it.",
+    )
     args = parser.parse_args(argv)
     missing = [c for c in args.configs if not Path(c).is_file()]
     if missing:
@@ -73,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limits = fit_test.limit_overrides(args.limit_batches, args.max_epochs)
+    if args.precision:
+        limits.append(f"--trainer.precision={args.precision}")
     overrides = " ".join(limits)
     machine = None
     failed = []

@@ -136,3 +136,22 @@ def test_zoo_table_names_every_machine_and_refuses_unknown_pairs(tmp_path, table
         tables.main([str(csv), "--pair", "tinyvgg.yaml", "mlp.yaml"])
     assert exit_.value.code == 1
     assert "no full-length row of config 'mlp.yaml'" in capsys.readouterr().err
+
+
+def test_a_precision_override_is_a_full_length_row_that_pairs_by_name(tmp_path, tables, capsys):
+    csv, bf16 = tmp_path / "zoo.csv", "--trainer.precision=bf16-mixed"
+    for seed, (fp32, half) in enumerate([(0.9426, 0.9421), (0.9456, 0.9440), (0.9414, 0.9419)], 1):
+        tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", seed, fp32))
+        tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", seed, half, bf16))
+    tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", 1, 0.99, "--trainer.max_epochs=1"))  # shortened: never best
+    tables.main([str(csv), "--pair", f"tinyvgg.yaml {bf16}", "tinyvgg.yaml"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        ln.startswith(f"| `TinyVGG` | 298,410 | `tinyvgg.yaml` (`{bf16}`) | 3 | 94.27 ± 0.12% |") for ln in lines
+    )
+    assert any("(shortened: `--trainer.max_epochs=1`) | 1 | 99.00% |" in ln for ln in lines)
+    assert any(ln.startswith("| `TinyVGG` | 298,410 | `tinyvgg.yaml` | 3 | **94.32 ± 0.22%** |") for ln in lines)
+    assert any(ln.startswith(f"| `tinyvgg.yaml {bf16}` | `tinyvgg.yaml` | 3 | -0.05 |") for ln in lines)
+    with pytest.raises(SystemExit):
+        tables.main([str(csv), "--pair", "tinyvgg.yaml --trainer.max_epochs=1", "tinyvgg.yaml"])
+    assert "no full-length row of config 'tinyvgg.yaml --trainer.max_epochs=1'" in capsys.readouterr().err
