@@ -12,10 +12,12 @@ augmentation (random crop with padding 2, horizontal flip, rotation up to 10 deg
 3. ``usual``: torchvision's ``FashionMNIST`` with per-image PIL transforms through a
    ``DataLoader`` and a plain PyTorch loop (train + validation), NCHW as such code is written.
 
-Each measurement runs in its own process, which reports its peak resident memory.
+Each measurement runs in its own process, which reports its peak resident memory. ``--csv`` appends
+one row per measurement, with the machine, to a results file (``results_tables.EPOCH_SPEED``);
+``python benchmarks/results_tables.py FILE`` makes the table this script prints from it.
 
 Usage:
-    python benchmarks/epoch_speed.py --models TinyVGG FashionCNN --precisions 32-true --repeats 2
+    python benchmarks/epoch_speed.py --models TinyVGG FashionCNN --precisions 32-true --repeats 2 --csv speed.csv
     python benchmarks/epoch_speed.py --precisions bf16-mixed --limit-batches 20   # CPUs without native bf16
     python benchmarks/epoch_speed.py --models TinyVGG --limit-batches 20   # a quick look
 """
@@ -29,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import results_tables
 import torch
+from results_tables import EPOCH_SPEED
 
 BATCH_SIZE, EVAL_BATCH_SIZE, PADDING, ROTATION = 128, 256, 2, 10.0
 VAL_SPLIT, SEED = 5000, 42
@@ -200,7 +204,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--repeats", type=int, default=1, help="measure every path this many times, round-robin")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--csv", type=Path, default=None, help="append every measurement to this results file")
     parser.add_argument("--path", choices=["bound", "package", "usual"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
@@ -210,17 +214,25 @@ def main() -> None:
     if args.path:
         child(args)
         return
-    results = []
+    if args.csv and args.csv.is_file():
+        try:
+            EPOCH_SPEED.read(args.csv)
+        except ValueError as err:  # another layout's file: refuse before measuring anything
+            parser.error(str(err))
+    machine = results_tables.machine()
+    settings = {"limit_batches": args.limit_batches, "workers": args.workers, "threads": args.threads}
+    rows = []
     for model in args.models:
         for precision in args.precisions:
             # Round-robin over the paths, so each repeat sees the machine in the same state.
-            for _ in range(args.repeats):
+            for repeat in range(1, args.repeats + 1):
                 for path in args.paths:
-                    results.append(run_child(args, path, model, precision))
-                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    print(table(results))
+                    result = run_child(args, path, model, precision)
+                    rows.append({**result, "repeat": repeat, **settings, **machine})
+                    print(json.dumps(result), file=sys.stderr, flush=True)
+                    if args.csv:  # as it goes: a long run stopped halfway keeps what it measured
+                        EPOCH_SPEED.append(args.csv, rows[-1])
+    print(results_tables.epoch_speed_table(rows))
 
 
 def run_child(args: argparse.Namespace, path: str, model: str, precision: str) -> dict:
@@ -234,34 +246,6 @@ def run_child(args: argparse.Namespace, path: str, model: str, precision: str) -
     if out.returncode or not lines:
         sys.exit(f"{path}/{model}/{precision} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def table(results: list[dict]) -> str:
-    """A markdown table: mean (± std over repeats) per model, precision and path, with the ratios."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["model"], r["precision"], r["path"]), []).append(r)
-
-    def mean_std(key: tuple[str, str, str], field: str) -> tuple[float, float]:
-        values = torch.tensor([r[field] for r in groups[key]], dtype=torch.float64)
-        return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
-
-    lines = [
-        "| model | precision | path | runs | train img/s | epoch s | epoch / bound | usual / this | peak RSS MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for model, precision, path in groups:
-        ips, ips_sd = mean_std((model, precision, path), "train_img_s")
-        epoch, epoch_sd = mean_std((model, precision, path), "epoch_s")
-        bound, usual = (model, precision, "bound"), (model, precision, "usual")
-        vs_bound = f"{epoch / mean_std(bound, 'epoch_s')[0]:.2f}x" if bound in groups else ""
-        speedup = f"{mean_std(usual, 'epoch_s')[0] / epoch:.2f}x" if usual in groups else ""
-        rss = max(r["peak_rss_mb"] for r in groups[(model, precision, path)])
-        lines.append(
-            f"| {model} | {precision} | {path} | {len(groups[(model, precision, path)])} | {ips:.0f} ± {ips_sd:.0f} | "
-            f"{epoch:.1f} ± {epoch_sd:.1f} | {vs_bound} | {speedup} | {rss:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

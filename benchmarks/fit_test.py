@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPORT_LINE = re.compile(r"^Report: (.+)$", re.MULTILINE)
+LIMIT_PREFIX, EPOCHS_PREFIX = "--trainer.limit_", "--trainer.max_epochs"
+#: How the overrides that cut a run short begin (:func:`limit_overrides` writes them).
+SHORTENING_PREFIXES = (LIMIT_PREFIX, EPOCHS_PREFIX)
 
 
 class RunFailed(RuntimeError):
@@ -72,9 +75,9 @@ def limit_overrides(limit_batches: int | None, max_epochs: int | None) -> list[s
     """CLI overrides for a shortened run: ``limit_*_batches`` for every stage, and the number of epochs."""
     args = []
     if limit_batches:
-        args += [f"--trainer.limit_{s}_batches={limit_batches}" for s in ("train", "val", "test")]
+        args += [f"{LIMIT_PREFIX}{s}_batches={limit_batches}" for s in ("train", "val", "test")]
     if max_epochs:
-        args.append(f"--trainer.max_epochs={max_epochs}")
+        args.append(f"{EPOCHS_PREFIX}={max_epochs}")
     return args
 
 

@@ -1,7 +1,7 @@
 """Results files under ``docs/results/``: the one writer and reader of their CSV layouts, and the
 markdown tables the README shows, made from them alone.
 
-Two layouts, one row per training run, each row naming its machine (CPU model from
+Three layouts, one row per training run (or measurement), each row naming its machine (CPU model from
 ``/proc/cpuinfo``, usable cores, torch version, device) and date:
 
 - ``zoo`` (written by ``zoo_results.py``): config, overrides, model, parameters, seed, test accuracy,
@@ -13,13 +13,18 @@ Two layouts, one row per training run, each row naming its machine (CPU model fr
   study 001's own code), seed, test accuracy, the seconds the ratios use and what they time. Its
   tables give accuracy and time mean ± std per run, and the ratios of issue 12's targets
   (:data:`TARGETS`).
+- ``epoch_speed`` (written by ``epoch_speed.py --csv``): model, precision, path (compute bound,
+  this package, the usual PIL pipeline), repeat, batches per epoch, images per second, epoch seconds,
+  peak memory. Its table gives mean ± std over the repeats and the ratios to the bound and the usual
+  pipeline.
 
 Usage:
     python benchmarks/results_tables.py docs/results/zoo.csv
     python benchmarks/results_tables.py docs/results/zoo.csv --pair fashioncnn.yaml fashioncnn_study001.yaml
     python benchmarks/results_tables.py docs/results/time_to_accuracy.csv
 
-Only the standard library is imported at the top (``fmnist_lightning.stats`` where a table needs it).
+Only the standard library (and ``fit_test``, which imports no more) is imported at the top
+(``fmnist_lightning.stats`` where a table needs it).
 """
 
 import argparse
@@ -32,6 +37,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import fit_test
 
 MACHINE_COLUMNS: dict[str, type] = {"cpu": str, "cores": int, "torch": str, "device": str, "date": str}
 
@@ -81,7 +88,8 @@ class Layout:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
         if header != list(self.columns):
-            raise ValueError(f"{path} is not a {self.name} results file (its header: {', '.join(header)})")
+            layout = f"the {self.name} layout"
+            raise ValueError(f"{path} is not a results file of {layout} (its header: {', '.join(header)})")
 
 
 def _format(value: object) -> str:
@@ -133,7 +141,23 @@ TIME_TO_ACCURACY = Layout(
         **MACHINE_COLUMNS,
     },
 )
-LAYOUTS = (ZOO, TIME_TO_ACCURACY)
+EPOCH_SPEED = Layout(
+    "epoch_speed",
+    {
+        "model": str,
+        "precision": str,
+        "path": str,  # "bound", "package" or "usual" (epoch_speed.py's docstring)
+        "repeat": int,  # 1-based: the paths run round-robin within a repeat
+        "limit_batches": int,  # empty for whole epochs
+        "workers": int,  # DataLoader workers of the usual pipeline
+        "threads": int,  # torch threads (0: PyTorch's default)
+        "train_img_s": float,
+        "epoch_s": float,
+        "peak_rss_mb": float,
+        **MACHINE_COLUMNS,
+    },
+)
+LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED)
 PEER = "peer"
 
 
@@ -232,7 +256,7 @@ def _by_seed(rows: Sequence[Mapping[str, object]], field: str = "test_accuracy")
 
 def shortened(overrides: str) -> bool:
     """Whether a run's overrides cut it short (fewer batches or epochs), unlike ``--trainer.precision``."""
-    return any(o.startswith(("--trainer.limit_", "--trainer.max_epochs")) for o in overrides.split())
+    return any(o.startswith(fit_test.SHORTENING_PREFIXES) for o in overrides.split())
 
 
 def _config_label(config: str, overrides: str) -> str:
@@ -447,6 +471,42 @@ def time_to_accuracy_tables(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(out)
 
 
+# --- epoch speed ----------------------------------------------------------------------------------
+
+
+def epoch_speed_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """Epoch speed as markdown: mean ± std over the repeats per model, precision and path, with the ratios.
+
+    ``epoch / bound`` is the row's mean epoch time over the compute bound's (same model, precision and
+    batches); ``usual / this`` the usual pipeline's over the row's. A path cut to ``--limit-batches`` says so.
+    """
+    groups = _group(rows, "model", "precision", "limit_batches", "path")
+
+    def mean_epoch(model: object, precision: object, limit: object, path: str) -> float:
+        return _mean_std([float(r["epoch_s"]) for r in groups.get((model, precision, limit, path), [])])[0]
+
+    table_rows = []
+    for (model, precision, limit, path), group in groups.items():
+        epoch = _mean_std([float(r["epoch_s"]) for r in group])[0]
+        bound, usual = mean_epoch(model, precision, limit, "bound"), mean_epoch(model, precision, limit, "usual")
+        table_rows.append(
+            [
+                str(model),
+                str(precision),
+                str(path) if limit is None else f"{path} ({limit} batches)",
+                str(len(group)),
+                number([float(r["train_img_s"]) for r in group]),
+                number([float(r["epoch_s"]) for r in group], 1),
+                "" if math.isnan(bound) else f"{epoch / bound:.2f}x",
+                "" if math.isnan(usual) else f"{usual / epoch:.2f}x",
+                f"{max(float(r['peak_rss_mb']) for r in group):.0f}",
+            ]
+        )
+    header = ["model", "precision", "path", "runs", "train img/s", "epoch s", "epoch / bound", "usual / this"]
+    out = _table([*header, "peak RSS MB"], table_rows, "lllrrrrrr")
+    return "\n".join([*out, "", machines_line(rows)])
+
+
 def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
     """The markdown of a results file, whichever its layout."""
     layout = layout_of(path)
@@ -455,6 +515,8 @@ def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
         return zoo_table(rows, pairs)
     if pairs:
         raise ValueError("--pair is for zoo results")
+    if layout is EPOCH_SPEED:
+        return epoch_speed_table(rows)
     return time_to_accuracy_tables(rows)
 
 

@@ -79,10 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    limits = fit_test.limit_overrides(args.limit_batches, args.max_epochs)
+    run_overrides = fit_test.limit_overrides(args.limit_batches, args.max_epochs)
     if args.precision:
-        limits.append(f"--trainer.precision={args.precision}")
-    overrides = " ".join(limits)
+        run_overrides.append(f"--trainer.precision={args.precision}")
+    overrides = " ".join(run_overrides)
     machine = None
     failed = []
     for seed in args.seeds:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"run {config} seed {seed}", file=sys.stderr, flush=True)
             try:
                 run = fit_test.fit_and_test(
-                    config, seed, f"{Path(config).stem}_s{seed}", args.log_dir, args.data_dir, limits
+                    config, seed, f"{Path(config).stem}_s{seed}", args.log_dir, args.data_dir, run_overrides
                 )
             except fit_test.RunFailed as err:
                 print(f"zoo_results.py: {err}", file=sys.stderr)

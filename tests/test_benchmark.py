@@ -1,21 +1,40 @@
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "epoch_speed.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "epoch_speed.py"
 
 
-def test_epoch_speed_benchmark_measures_all_three_paths(tmp_path, data_dir):
-    out = tmp_path / "results.json"
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False)
+
+
+def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "speed.csv"
     args = ["--models", "LightweightCNN", "--precisions", "32-true", "--limit-batches", "2"]
-    args += ["--workers", "0", "--data-dir", str(data_dir), "--json", str(out)]
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False)
+    done = run_script(*args, "--workers", "0", "--data-dir", str(data_dir), "--csv", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.read_text())
-    assert [r["path"] for r in results] == ["bound", "package", "usual"]
-    for r in results:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import results_tables
+
+    rows = results_tables.EPOCH_SPEED.read(out)
+    assert [r["path"] for r in rows] == ["bound", "package", "usual"]
+    assert {(r["repeat"], r["limit_batches"], r["workers"]) for r in rows} == {(1, 2, 0)}
+    for r in rows:
         assert min(r["train_img_s"], r["epoch_s"], r["peak_rss_mb"]) > 0
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
-    assert len(rows) == 3
-    assert rows[0].split("|")[7].strip() == "1.00x"  # the bound against itself
+    printed = [line for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
+    assert len(printed) == 3
+    assert printed[0].split("|")[3].strip() == "bound (2 batches)"  # a shortened epoch says so
+    assert printed[0].split("|")[7].strip() == "1.00x"  # the bound against itself
+    assert [line for line in results_tables.render(out).splitlines() if line.startswith("| LightweightCNN")] == printed
+
+
+def test_epoch_speed_refuses_another_results_file_before_measuring(tmp_path):
+    zoo = tmp_path / "zoo.csv"
+    zoo.write_text("config,overrides,model\nlinear.yaml,,LinearClassifier\n")
+    done = run_script("--models", "LightweightCNN", "--csv", str(zoo))
+    assert done.returncode == 2
+    assert "is not a results file of the epoch_speed layout" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert zoo.read_text() == "config,overrides,model\nlinear.yaml,,LinearClassifier\n"

@@ -88,7 +88,7 @@ def test_refuses_a_results_file_of_another_layout(tmp_path):
     csv.write_text("run,seed\nfast,1\n")
     done = run(SCRIPT, "--configs", "configs/linear.yaml", "--csv", str(csv))
     assert done.returncode == 2
-    assert "is not a zoo results file" in done.stderr
+    assert "is not a results file of the zoo layout" in done.stderr
 
 
 def test_zoo_table_mean_std_paired_tests_and_pairs(tmp_path, tables, capsys):
