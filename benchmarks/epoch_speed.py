@@ -37,6 +37,7 @@ from results_tables import EPOCH_SPEED
 
 BATCH_SIZE, EVAL_BATCH_SIZE, PADDING, ROTATION = 128, 256, 2, 10.0
 VAL_SPLIT, SEED = 5000, 42
+PATHS = ("bound", "package", "usual")
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -197,15 +198,15 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["TinyVGG", "FashionCNN"])
-    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--paths", nargs="+", default=["bound", "package", "usual"])
+    parser.add_argument("--precisions", nargs="+", choices=["32-true", "bf16-mixed"], default=["32-true", "bf16-mixed"])
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after N batches")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual pipeline")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--repeats", type=int, default=1, help="measure every path this many times, round-robin")
     parser.add_argument("--csv", type=Path, default=None, help="append every measurement to this results file")
-    parser.add_argument("--path", choices=["bound", "package", "usual"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,10 +215,17 @@ def main() -> None:
     if args.path:
         child(args)
         return
+    for name in args.models:  # refuse before measuring anything, not in a child's traceback
+        try:
+            build_model(name)
+        except ValueError as err:
+            parser.error(str(err))
+    if args.csv and args.csv.is_dir():
+        parser.error(f"--csv {args.csv} is a folder; name a file in it, e.g. {args.csv / 'epoch_speed.csv'}")
     if args.csv and args.csv.is_file():
         try:
             EPOCH_SPEED.read(args.csv)
-        except ValueError as err:  # another layout's file: refuse before measuring anything
+        except ValueError as err:  # another layout's file
             parser.error(str(err))
     machine = results_tables.machine()
     settings = {"limit_batches": args.limit_batches, "workers": args.workers, "threads": args.threads}

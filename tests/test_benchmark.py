@@ -38,3 +38,14 @@ def test_epoch_speed_refuses_another_results_file_before_measuring(tmp_path):
     assert "is not a results file of the epoch_speed layout" in done.stderr
     assert "Traceback" not in done.stderr
     assert zoo.read_text() == "config,overrides,model\nlinear.yaml,,LinearClassifier\n"
+
+
+def test_epoch_speed_refuses_an_unknown_model_or_a_folder_for_its_file_in_one_line(tmp_path):
+    for args, message in [
+        (["--models", "Nope"], "unknown model 'Nope'; choose one of"),
+        (["--csv", str(tmp_path)], "is a folder; name a file in it"),
+    ]:
+        done = run_script("--limit-batches", "1", *args)
+        assert done.returncode == 2
+        assert message in done.stderr.splitlines()[-1]
+        assert "Traceback" not in done.stderr
