@@ -178,6 +178,6 @@ def test_a_layout_refuses_rows_and_files_not_its_own(tmp_path, tables):
     with pytest.raises(ValueError, match="missing \\['seed'\\]"):
         tables.TIME_TO_ACCURACY.append(csv, {k: v for k, v in _row("fast", 1, 0.9, 10).items() if k != "seed"})
     tables.TIME_TO_ACCURACY.append(csv, _row("fast", 1, 0.9, 10))
-    with pytest.raises(ValueError, match="not a zoo results file"):
+    with pytest.raises(ValueError, match="not a results file of the zoo layout"):
         tables.ZOO.read(csv)
     assert tables.layout_of(csv) is tables.TIME_TO_ACCURACY
