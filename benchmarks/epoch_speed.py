@@ -38,6 +38,7 @@ from results_tables import EPOCH_SPEED
 BATCH_SIZE, EVAL_BATCH_SIZE, PADDING, ROTATION = 128, 256, 2, 10.0
 VAL_SPLIT, SEED = 5000, 42
 PATHS = ("bound", "package", "usual")
+PRECISIONS = ("32-true", "bf16-mixed")  # what autocast() below knows
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -198,7 +199,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["TinyVGG", "FashionCNN"])
-    parser.add_argument("--precisions", nargs="+", choices=["32-true", "bf16-mixed"], default=["32-true", "bf16-mixed"])
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after N batches")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual pipeline")

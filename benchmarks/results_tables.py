@@ -88,8 +88,9 @@ class Layout:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
         if header != list(self.columns):
-            layout = f"the {self.name} layout"
-            raise ValueError(f"{path} is not a results file of {layout} (its header: {', '.join(header)})")
+            raise ValueError(
+                f"{path} is not a results file of the {self.name} layout (its header: {', '.join(header)})"
+            )
 
 
 def _format(value: object) -> str:
@@ -482,13 +483,12 @@ def epoch_speed_table(rows: Sequence[Mapping[str, object]]) -> str:
     """
     groups = _group(rows, "model", "precision", "limit_batches", "path")
 
-    def mean_epoch(model: object, precision: object, limit: object, path: str) -> float:
+    def mean_epoch(model: object, precision: object, limit: object, path: object) -> float:
         return _mean_std([float(r["epoch_s"]) for r in groups.get((model, precision, limit, path), [])])[0]
 
     table_rows = []
     for (model, precision, limit, path), group in groups.items():
-        epoch = _mean_std([float(r["epoch_s"]) for r in group])[0]
-        bound, usual = mean_epoch(model, precision, limit, "bound"), mean_epoch(model, precision, limit, "usual")
+        epoch, bound, usual = (mean_epoch(model, precision, limit, p) for p in (path, "bound", "usual"))
         table_rows.append(
             [
                 str(model),
