@@ -272,6 +272,14 @@ class FashionMNISTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The default callbacks as configurable groups (``--checkpoint.*``, ``--early_stopping.*``...)."""
+        # Trainer annotates limit_*_batches as Union[float, int, None] and jsonargparse tries a union's
+        # types in that order, so `--trainer.limit_train_batches=1` (or `1` in a YAML file) became 1.0,
+        # a whole epoch, where the Trainer's own Python API reads the int 1 as one batch. Trying int first
+        # keeps both meanings: 1 is one batch, 1.0 or 0.25 a fraction.
+        for stage in ("train", "val", "test", "predict"):
+            action = parser._option_string_actions.get(f"--trainer.limit_{stage}_batches")
+            if action is not None and hasattr(action, "_typehint"):
+                action._typehint = int | float | None
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -95,6 +95,14 @@ def test_last_epoch_only_validation_follows_max_epochs(tmp_path, data_dir, monke
     assert [p.name[:12] for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch02"]
 
 
+def test_limit_batches_of_one_is_one_batch_and_a_float_a_fraction(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0.1"]
+    cli = main(["fit", "--config", str(ROOT / "configs" / "linear.yaml"), *fast_fit_args(data_dir, tmp_path, *extra)])
+    assert (cli.trainer.num_training_batches, cli.trainer.global_step) == (1, 1)  # not a whole epoch of 1.0
+    assert cli.trainer.num_val_batches == [int(0.1 * math.ceil(5000 / cli.datamodule.eval_batch_size))]
+
+
 def test_print_config(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(ROOT / "configs" / "tinyvgg.yaml"), "--print_config"])
