@@ -221,13 +221,11 @@ def main() -> None:
             build_model(name)
         except ValueError as err:
             parser.error(str(err))
-    if args.csv and args.csv.is_dir():
-        parser.error(f"--csv {args.csv} is a folder; name a file in it, e.g. {args.csv / 'epoch_speed.csv'}")
-    if args.csv and args.csv.is_file():
+    if args.csv:
         try:
-            EPOCH_SPEED.read(args.csv)
-        except ValueError as err:  # another layout's file
-            parser.error(str(err))
+            EPOCH_SPEED.check_appendable(args.csv)
+        except ValueError as err:
+            parser.error(f"--csv {err}")
     machine = results_tables.machine()
     settings = {"limit_batches": args.limit_batches, "workers": args.workers, "threads": args.threads}
     rows = []

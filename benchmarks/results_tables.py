@@ -1,7 +1,7 @@
 """Results files under ``docs/results/``: the one writer and reader of their CSV layouts, and the
 markdown tables the README shows, made from them alone.
 
-Three layouts, one row per training run (or measurement), each row naming its machine (CPU model from
+Four layouts, one row per training run (or measurement), each row naming its machine (CPU model from
 ``/proc/cpuinfo``, usable cores, torch version, device) and date:
 
 - ``zoo`` (written by ``zoo_results.py``): config, overrides, model, parameters, seed, test accuracy,
@@ -17,6 +17,10 @@ Three layouts, one row per training run (or measurement), each row naming its ma
   this package, the usual PIL pipeline), repeat, batches per epoch, images per second, epoch seconds,
   peak memory. Its table gives mean ± std over the repeats and the ratios to the bound and the usual
   pipeline.
+- ``sweep_throughput`` (written by ``sweep_throughput.py --csv``): model, ``--jobs``, threads per
+  worker, repeat, the k-fold study's size, images trained, wall seconds of the whole command. Its
+  table gives images per second mean ± std over the repeats, the ratio to ``--jobs 1`` and the
+  rounds each setting won.
 
 Usage:
     python benchmarks/results_tables.py docs/results/zoo.csv
@@ -74,6 +78,18 @@ class Layout:
             if new:
                 writer.writerow(self.columns)
             writer.writerow(_format(row[c]) for c in self.columns)
+
+    def check_appendable(self, path: str | Path) -> None:
+        """Refuse, before anything is measured, a path this layout cannot append to.
+
+        Raises:
+            ValueError: If ``path`` is a folder, or a file of another layout (one line saying so).
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; name a file in it, e.g. {path / (self.name + '.csv')}")
+        if path.is_file():
+            self.read(path)
 
     def read(self, path: str | Path) -> list[dict[str, object]]:
         """Every row, typed (an empty ``float`` is NaN, an empty ``int`` None); [] for a missing file."""
@@ -158,7 +174,25 @@ EPOCH_SPEED = Layout(
         **MACHINE_COLUMNS,
     },
 )
-LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED)
+SWEEP_THROUGHPUT = Layout(
+    "sweep_throughput",
+    {
+        "model": str,
+        "jobs": int,  # worker processes of the k-fold command (1: one process using every core)
+        "threads_per_worker": int,
+        "repeat": int,  # 1-based: --jobs 1 and --jobs N run round-robin within a repeat
+        "folds": int,
+        "epochs": int,  # per training
+        "limit_batches": int,  # empty for whole epochs
+        "trainings": int,
+        "train_images": int,  # of all the trainings together
+        "wall_s": float,  # the whole command, start to exit
+        "images_per_s": float,
+        "fit_s_per_training": float,
+        **MACHINE_COLUMNS,
+    },
+)
+LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED, SWEEP_THROUGHPUT)
 PEER = "peer"
 
 
@@ -507,6 +541,43 @@ def epoch_speed_table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join([*out, "", machines_line(rows)])
 
 
+# --- sweep throughput ----------------------------------------------------------------------------
+
+
+def sweep_throughput_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """Sweep throughput as markdown: images/s and wall time (mean ± std over repeats) per model and ``--jobs``.
+
+    ``vs --jobs 1`` is the row's mean images/s over the same model's and study's ``--jobs 1``;
+    ``rounds won`` counts the repeats in which the row trained more images per second than
+    ``--jobs 1`` did in the same repeat. A study cut to ``--limit-batches`` says so.
+    """
+    groups = _group(rows, "model", "folds", "epochs", "limit_batches", "jobs")
+    table_rows = []
+    for (model, folds, epochs, limit, jobs), group in groups.items():
+        single = {int(r["repeat"]): float(r["images_per_s"]) for r in groups.get((model, folds, epochs, limit, 1), [])}
+        rates = [float(r["images_per_s"]) for r in group]
+        study = f"{folds} folds x {epochs} epoch{'s' if epochs != 1 else ''}"
+        shared = [r for r in group if int(r["repeat"]) in single]
+        won = sum(float(r["images_per_s"]) > single[int(r["repeat"])] for r in shared)
+        table_rows.append(
+            [
+                str(model),
+                study if limit is None else f"{study} ({limit} batches)",
+                str(jobs),
+                str(group[0]["threads_per_worker"]),
+                str(len(group)),
+                f"{int(group[0]['train_images']):,}",
+                number(rates),
+                number([float(r["wall_s"]) for r in group], 1),
+                f"{statistics.mean(rates) / statistics.mean(single.values()):.2f}x" if single else "",
+                "" if jobs == 1 or not shared else f"{won} of {len(shared)}",
+            ]
+        )
+    header = ["model", "study", "`--jobs`", "torch threads / worker", "runs", "images trained", "images/s"]
+    out = _table([*header, "wall s", "vs `--jobs 1`", "rounds won"], table_rows, "llrrrrrrrr")
+    return "\n".join([*out, "", machines_line(rows)])
+
+
 def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
     """The markdown of a results file, whichever its layout."""
     layout = layout_of(path)
@@ -517,6 +588,8 @@ def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
         raise ValueError("--pair is for zoo results")
     if layout is EPOCH_SPEED:
         return epoch_speed_table(rows)
+    if layout is SWEEP_THROUGHPUT:
+        return sweep_throughput_table(rows)
     return time_to_accuracy_tables(rows)
 
 

@@ -8,23 +8,28 @@ data loading, validation and writing results included), which is what a person r
 waits for. Repeats run round-robin (jobs 1, jobs N, jobs 1, ...), so a drift of the machine's
 speed hits both alike.
 
+``--csv`` appends one row per command, with the machine, to a results file
+(``results_tables.SWEEP_THROUGHPUT``) as it goes; ``python benchmarks/results_tables.py FILE``
+makes the table this script prints from it.
+
 Usage:
     python benchmarks/sweep_throughput.py                                   # LightweightCNN, TinyVGG; 4 folds x 1 epoch
-    python benchmarks/sweep_throughput.py --models TinyVGG --folds 4 --epochs 2 --repeats 2
+    python benchmarks/sweep_throughput.py --models TinyVGG --folds 4 --epochs 2 --repeats 2 --csv sweep.csv
     python benchmarks/sweep_throughput.py --limit-batches 3 --folds 2      # a quick check that it runs
 """
 
 import argparse
 import csv
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import results_tables
+from results_tables import SWEEP_THROUGHPUT
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = {"LightweightCNN": "configs/lightweight.yaml", "TinyVGG": "configs/tinyvgg.yaml"}
@@ -94,45 +99,36 @@ def main() -> None:
     parser.add_argument("--limit-batches", type=int, default=None, help="train/val batches per epoch (quick checks)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="the package's data folder (default: the configs')")
-    parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    parser.add_argument("--csv", type=Path, default=None, help="append every measurement to this results file")
     args = parser.parse_args()
-    if args.repeats < 1 or args.jobs < 2 or args.folds < 2:
-        parser.error("--repeats must be >= 1, --jobs >= 2 and --folds >= 2")
+    if args.repeats < 1 or args.jobs < 2 or args.folds < 2 or args.epochs < 1:
+        parser.error("--repeats must be >= 1, --jobs >= 2, --folds >= 2 and --epochs >= 1")
+    if args.limit_batches is not None and args.limit_batches < 1:
+        parser.error(f"--limit-batches must be at least 1, got {args.limit_batches}")
+    if args.csv:
+        try:  # before anything is measured
+            SWEEP_THROUGHPUT.check_appendable(args.csv)
+        except ValueError as err:
+            parser.error(f"--csv {err}")
 
-    results = []
+    machine = results_tables.machine()
+    study = {"folds": args.folds, "epochs": args.epochs, "limit_batches": args.limit_batches}
+    rows = []
     with tempfile.TemporaryDirectory(prefix="sweep-throughput-") as tmp:
         for model in args.models:
-            for repeat in range(args.repeats):
+            for repeat in range(1, args.repeats + 1):
                 for jobs in (1, args.jobs):
                     result = run_once(model, jobs, args, Path(tmp))
-                    result["repeat"] = repeat
-                    results.append(result)
+                    rows.append({**result, "repeat": repeat, **study, **machine})
+                    if args.csv:  # as it goes: a long run stopped halfway keeps what it measured
+                        SWEEP_THROUGHPUT.append(args.csv, rows[-1])
                     print(
                         f"{model} jobs {jobs}: {result['images_per_s']:.0f} images/s "
                         f"({result['train_images']:,} images in {result['wall_s']:.1f} s)",
                         file=sys.stderr,
+                        flush=True,
                     )
-
-    print(f"\nSweep throughput on {cores()} cores: a {args.folds}-fold study, {args.epochs} epoch(s) per training")
-    if args.limit_batches:
-        print(f"({args.limit_batches} batches per epoch)")
-    print("\n| model | jobs | torch threads / worker | trainings | images trained | wall s | images/s | vs jobs 1 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for model in args.models:
-        rates = {
-            j: [r["images_per_s"] for r in results if r["model"] == model and r["jobs"] == j] for j in (1, args.jobs)
-        }
-        for jobs in (1, args.jobs):
-            rows = [r for r in results if r["model"] == model and r["jobs"] == jobs]
-            rate, wall = statistics.fmean(rates[jobs]), statistics.fmean(r["wall_s"] for r in rows)
-            spread = f" ± {statistics.stdev(rates[jobs]):.0f}" if len(rates[jobs]) > 1 else ""
-            print(
-                f"| {model} | {jobs} | {rows[0]['threads_per_worker']} | {rows[0]['trainings']} | "
-                f"{rows[0]['train_images']:,} | {wall:.1f} | {rate:.0f}{spread} | "
-                f"{rate / statistics.fmean(rates[1]):.2f}x |"
-            )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    print(results_tables.sweep_throughput_table(rows))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Usage:
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -271,7 +270,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit-batches", type=int, default=None, help="Shortened runs: N batches per stage.")
     parser.add_argument("--max-epochs", type=int, default=None, help="Shortened runs: N epochs (peer included).")
-    parser.add_argument("--json", type=Path, default=None, help="Also write every run's row here.")
     parser.add_argument(
         "--csv", type=Path, default=None, help="Write every run's row to this new CSV (docs/results/...)."
     )
@@ -331,9 +329,6 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    if args.json is not None:
-        plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-        args.json.write_text(json.dumps(plain, indent=1))
     print(results_tables.time_to_accuracy_tables(rows))
 
 

@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "epoch_speed.py"
 
@@ -49,3 +51,44 @@ def test_epoch_speed_refuses_an_unknown_model_or_a_folder_for_its_file_in_one_li
         assert done.returncode == 2
         assert message in done.stderr.splitlines()[-1]
         assert "Traceback" not in done.stderr
+
+
+SWEEP = BENCHMARKS / "sweep_throughput.py"
+
+
+def test_sweep_throughput_measures_both_settings_into_a_results_file(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "sweep.csv"
+    args = ["--models", "LightweightCNN", "--jobs", "2", "--folds", "2", "--limit-batches", "1"]
+    done = subprocess.run(
+        [sys.executable, str(SWEEP), *args, "--data-dir", str(data_dir), "--csv", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import results_tables
+
+    rows = results_tables.SWEEP_THROUGHPUT.read(out)
+    assert [(r["jobs"], r["threads_per_worker"], r["repeat"]) for r in rows] == [(1, rows[0]["cores"], 1), (2, 1, 1)]
+    for r in rows:
+        assert (r["folds"], r["epochs"], r["limit_batches"], r["trainings"]) == (2, 1, 1, 2)
+        assert r["train_images"] == 2 * 128  # one batch (the data module's default 128) per training
+        assert r["images_per_s"] == pytest.approx(r["train_images"] / r["wall_s"], rel=1e-4)
+    printed = [line for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
+    assert [line.split("|")[2].strip() for line in printed] == ["2 folds x 1 epoch (1 batches)"] * 2
+    assert printed[0].split("|")[9].strip() == "1.00x"  # --jobs 1 against itself
+    assert printed[1].split("|")[10].strip() in ("0 of 1", "1 of 1")
+    assert [line for line in results_tables.render(out).splitlines() if line.startswith("| LightweightCNN")] == printed
+
+
+def test_sweep_throughput_refuses_a_folder_or_another_results_file_before_measuring(tmp_path):
+    zoo = tmp_path / "zoo.csv"
+    zoo.write_text("config,overrides,model\nlinear.yaml,,LinearClassifier\n")
+    for target, message in [(zoo, "is not a results file of the sweep_throughput layout"), (tmp_path, "is a folder")]:
+        command = [sys.executable, str(SWEEP), "--jobs", "2", "--csv", str(target)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 2
+        assert message in done.stderr.splitlines()[-1]
+        assert "Traceback" not in done.stderr
+    assert zoo.read_text() == "config,overrides,model\nlinear.yaml,,LinearClassifier\n"
