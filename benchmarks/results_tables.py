@@ -26,6 +26,7 @@ Usage:
     python benchmarks/results_tables.py docs/results/zoo.csv
     python benchmarks/results_tables.py docs/results/zoo.csv --pair fashioncnn.yaml fashioncnn_study001.yaml
     python benchmarks/results_tables.py docs/results/time_to_accuracy.csv
+    python benchmarks/results_tables.py docs/results/zoo_a.csv docs/results/zoo_b.csv --pair a.yaml b.yaml  # one table
 
 Only the standard library (and ``fit_test``, which imports no more) is imported at the top
 (``fmnist_lightning.stats`` where a table needs it).
@@ -578,11 +579,26 @@ def sweep_throughput_table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join([*out, "", machines_line(rows)])
 
 
-def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
-    """The markdown of a results file, whichever its layout."""
-    layout = layout_of(path)
-    rows = layout.read(path)
+def render(paths: str | Path | Sequence[str | Path], pairs: Sequence[tuple[str, str]] = ()) -> str:
+    """The markdown of one results file, or of several of one layout as one table, whichever the layout.
+
+    Raises:
+        ValueError: If the files have different layouts, two zoo files hold the same config, overrides
+            and seed, or ``pairs`` are given for a layout other than the zoo's.
+    """
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    layouts = {layout.name: layout for layout in map(layout_of, paths)}
+    if len(layouts) > 1:
+        raise ValueError(f"one table needs files of one layout; these have {', '.join(sorted(layouts))}")
+    [layout] = layouts.values()
+    rows = [row for path in paths for row in layout.read(path)]
     if layout is ZOO:
+        runs = [(r["config"], r["overrides"], r["seed"]) for r in rows]
+        twice = sorted({run for run in runs if runs.count(run) > 1})
+        if twice:
+            config, overrides, seed = twice[0]
+            run = " ".join(x for x in (Path(config).name, overrides, f"seed {seed}") if x)
+            raise ValueError(f"{run} is in more than one of the files; a run belongs in one results file")
         return zoo_table(rows, pairs)
     if pairs:
         raise ValueError("--pair is for zoo results")
@@ -595,7 +611,9 @@ def render(path: str | Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="A results CSV (docs/results/*.csv).")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="A results CSV (docs/results/*.csv), or several of one layout: one table."
+    )
     parser.add_argument(
         "--pair",
         nargs=2,
@@ -606,8 +624,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "('a.yaml --trainer.precision=bf16-mixed').",
     )
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        parser.error(f"no such file: {args.results}")
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
     try:
         print(render(args.results, [tuple(p) for p in args.pair]))
     except ValueError as err:

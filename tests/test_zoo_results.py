@@ -155,3 +155,24 @@ def test_a_precision_override_is_a_full_length_row_that_pairs_by_name(tmp_path, 
     with pytest.raises(SystemExit):
         tables.main([str(csv), "--pair", "tinyvgg.yaml --trainer.max_epochs=1", "tinyvgg.yaml"])
     assert "no full-length row of config 'tinyvgg.yaml --trainer.max_epochs=1'" in capsys.readouterr().err
+
+
+def test_several_zoo_files_make_one_table_and_a_run_in_two_files_is_refused(tmp_path, tables, capsys):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for seed, (wide, vgg) in enumerate([(0.9490, 0.9440), (0.9480, 0.9444), (0.9495, 0.9428)], 1):
+        tables.ZOO.append(a, zoo_row("airbench_wide.yaml", seed, wide, model="AirbenchNet"))
+        tables.ZOO.append(b, zoo_row("tinyvgg.yaml", seed, vgg))
+    tables.main([str(a), str(b), "--pair", "airbench_wide.yaml", "tinyvgg.yaml"])
+    lines = capsys.readouterr().out.splitlines()
+    best = "| `AirbenchNet` | 298,410 | `airbench_wide.yaml` | 3 | **94.88 ± 0.08%** |"
+    assert any(ln.startswith(best) for ln in lines)
+    diff = paired_ttest([0.9490, 0.9480, 0.9495], [0.9440, 0.9444, 0.9428])
+    assert f"| `airbench_wide.yaml` | `tinyvgg.yaml` | 3 | +0.51 | [{100 * diff.ci_low:+.2f}, " in "\n".join(lines)
+    for files, message in [
+        ([a, a], "airbench_wide.yaml seed 1 is in more than one of the files"),
+        ([a, ROOT / "docs" / "results" / "epoch_speed.csv"], "one table needs files of one layout"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            tables.main([str(f) for f in files])
+        assert exit_.value.code == 1
+        assert message in capsys.readouterr().err
