@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -593,8 +594,8 @@ def render(paths: str | Path | Sequence[str | Path], pairs: Sequence[tuple[str, 
     [layout] = layouts.values()
     rows = [row for path in paths for row in layout.read(path)]
     if layout is ZOO:
-        runs = [(r["config"], r["overrides"], r["seed"]) for r in rows]
-        twice = sorted({run for run in runs if runs.count(run) > 1})
+        runs = Counter((r["config"], r["overrides"], r["seed"]) for r in rows)
+        twice = sorted(run for run, n in runs.items() if n > 1)
         if twice:
             config, overrides, seed = twice[0]
             run = " ".join(x for x in (Path(config).name, overrides, f"seed {seed}") if x)
