@@ -64,7 +64,8 @@ from fmnist_lightning.evaluation import confusion_figure, curves_figure, image_g
 # export.py imports onnx, onnxruntime and onnxscript (the optional `export` extra) only when an ONNX
 # file is written or run, so importing it here works without them (tests/test_api.py checks).
 from fmnist_lightning.export import export_checkpoint, export_task, load_exported
-from fmnist_lightning.images import UnreadableImageWarning, compose_photo, predict_images, read_image, top_k
+from fmnist_lightning.images import UnreadableImageWarning, compose_photo, read_image, top_k
+from fmnist_lightning.inference import predict_images
 from fmnist_lightning.models import build
 from fmnist_lightning.predictions import Predictions, read_predictions, write_predictions
 from fmnist_lightning.report import summary_metrics

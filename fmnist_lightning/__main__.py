@@ -1,3 +1,5 @@
+import sys
+
 from fmnist_lightning.cli import main
 
-main()
+sys.exit(main())

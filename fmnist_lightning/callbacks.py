@@ -2,11 +2,10 @@
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict, _sanitize_params
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
@@ -15,8 +14,9 @@ from torch.utils.tensorboard.summary import hparams
 
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import ConfigError, DataError
+from fmnist_lightning.io import unused_path
 from fmnist_lightning.predictions import PredictionsWriter
-from fmnist_lightning.runs import append_history, trainer_run_dir, unused_path
+from fmnist_lightning.runs import append_history, trainer_run_dir
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -130,9 +130,15 @@ class EarlyStopping(LightningEarlyStopping):
         super().__init__(**kwargs)
         self.enabled = enabled
 
-    def _run_early_stopping_check(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning's check at the end of a training epoch, if enabled."""
         if self.enabled:
-            super()._run_early_stopping_check(trainer)
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning's check after validation, if enabled."""
+        if self.enabled:
+            super().on_validation_end(trainer, pl_module)
 
 
 class ValidationSchedule(Callback):
@@ -202,6 +208,23 @@ class MetricsHistory(Callback):
         append_history(run_dir, row)
 
 
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested hyper-parameters as ``a/b/c`` keys with values TensorBoard's HParams can show.
+
+    Numbers, strings and booleans stay as they are; anything else (lists, None, objects) is shown as text.
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}/")
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 class HParamsLogger(Callback):
     """TensorBoard's HParams view: each run's hyper-parameters with its best ``val/acc`` and ``val/loss``.
 
@@ -238,14 +261,12 @@ class HParamsLogger(Callback):
         if trainer.datamodule is not None:
             params |= {f"data/{k}": v for k, v in trainer.datamodule.hparams.items()}
         params |= {"trainer/max_epochs": trainer.max_epochs, "trainer/precision": trainer.precision}
-        params = _sanitize_params(_flatten_dict(_convert_params(params), delimiter="/"))
-        params = {k: v for k, v in params.items() if not k.endswith(("_dir", "/download", "/num_workers"))}
+        params = {k: v for k, v in flatten(params).items() if not k.endswith(("_dir", "/download", "/num_workers"))}
         # Written by hand rather than through logger.log_hyperparams, which would log placeholder
         # values at step 0 that the HParams view would show until the first validation.
         exp, ssi, sei = hparams(params, dict.fromkeys(self.METRICS, 0.0))
-        writer = logger.experiment._get_file_writer()
         for summary in (exp, ssi, sei):
-            writer.add_summary(summary)
+            logger.experiment.file_writer.add_summary(summary)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the best validation accuracy and loss so far."""

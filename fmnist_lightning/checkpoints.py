@@ -2,18 +2,16 @@
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fmnist_lightning.errors import CheckpointError
-from fmnist_lightning.runs import new_file_mode
+from fmnist_lightning.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     one or the new one.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         """Save ``checkpoint`` to ``path`` atomically.
 
         Raises:
@@ -35,20 +35,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
         target = Path(path)
-        tmp: Path | None = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            tmp = Path(name)
-            os.fchmod(fd, new_file_mode())
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(target, "wb", sync=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             raise CheckpointError(f"could not write checkpoint {target} ({_why(err, target)}){_kept(target)}") from err
 
 
@@ -69,23 +59,29 @@ def _kept(target: Path) -> str:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is rewritten after every epoch, improved or not.
+    """``ModelCheckpoint`` for the best epochs, and ``last.ckpt`` rewritten after every epoch, improved or not.
 
-    Lightning 2.6 writes ``last.ckpt`` only at an epoch where a top-k checkpoint was written, so
-    after epochs without improvement ``last`` is an old epoch and a resumed run would redo them.
+    Lightning 2.6's ``save_last`` writes ``last.ckpt`` only at an epoch where a top-k checkpoint was
+    written, so after epochs without improvement ``last`` would be an old epoch and a resumed run
+    would redo them. Here ``last.ckpt`` is saved at the end of every training epoch (after its
+    validation, when there is one) through ``Trainer.save_checkpoint``.
+
+    Args:
+        save_last: Keep ``last.ckpt``, the state after the latest epoch.
+        **kwargs: Lightning's ``ModelCheckpoint`` arguments (``monitor``, ``mode``, ``filename``...).
     """
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save the top-k checkpoint as Lightning does, then ``last`` whatever happened."""
-        super().on_validation_end(trainer, pl_module)
-        if self.save_last and not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_every_epoch(trainer)
+    def __init__(self, save_last: bool = True, **kwargs: Any) -> None:
+        super().__init__(save_last=False, **kwargs)
+        self.save_last_every_epoch = save_last
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The same, for runs that save at the end of the training epoch (no validation)."""
+        """Save a top-k checkpoint as Lightning does, then ``last.ckpt`` whatever happened."""
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and self._should_save_on_train_epoch_end(trainer):
-            self._save_last_every_epoch(trainer)
+        if not self.save_last_every_epoch or trainer.sanity_checking or trainer.fast_dev_run or self.dirpath is None:
+            return
+        self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the best-k state when the folder is the same, however its path is written.
@@ -98,11 +94,6 @@ class RunCheckpoint(ModelCheckpoint):
         if saved and self.dirpath and os.path.realpath(saved) == os.path.realpath(self.dirpath):
             state_dict = {**state_dict, "dirpath": self.dirpath}
         super().load_state_dict(state_dict)
-
-    def _save_last_every_epoch(self, trainer: Trainer) -> None:
-        # _should_skip_saving_checkpoint is also true once this step has been saved (top-k + last).
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 
 from fmnist_lightning import stats
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.io import unused_path
 from fmnist_lightning.predictions import read_predictions
-from fmnist_lightning.runs import unused_path
 
 COLUMNS = (
     ("model", "model"),

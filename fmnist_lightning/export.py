@@ -9,12 +9,10 @@ the log of the averaged probabilities (logits whose softmax is the averaged soft
 Every export is checked before it gets its final name: ``onnx.checker``, then the file is run (by
 onnxruntime, or ``torch.jit.load`` for TorchScript) on two batch sizes and compared with the PyTorch
 network within :data:`TOLERANCE`. An existing file is never overwritten: a numbered name is used
-instead (:func:`fmnist_lightning.runs.unused_path`), and the path written is returned.
+instead (:func:`fmnist_lightning.io.unused_path`), and the path written is returned.
 """
 
 import importlib
-import os
-import uuid
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -24,10 +22,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.data import NORMALIZATIONS
-from fmnist_lightning.errors import CheckpointError, ConfigError
-from fmnist_lightning.runs import unused_path
+from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.inference import load_task
+from fmnist_lightning.io import atomic_path, unused_path
 from fmnist_lightning.task import ClassificationTask
 
 ExportFormat = Literal["onnx", "torchscript"]
@@ -76,37 +74,6 @@ class NormalizedClassifier(nn.Module):
         # As ClassificationTask.predict_proba: mean of the two softmaxes; its log keeps the argmax.
         probs = (logits.softmax(dim=1) + self._logits(x.flip(-1)).softmax(dim=1)) / 2
         return probs.clamp_min(1e-12).log()
-
-
-def load_task(checkpoint: str | Path) -> tuple[ClassificationTask, str]:
-    """Rebuild the task of a CLI checkpoint on the CPU, in eval mode, with its data normalisation.
-
-    Args:
-        checkpoint: A ``.ckpt`` written by ``fit`` (it holds the model's and the data's configuration).
-
-    Returns:
-        The task and the name of its normalisation (a key of :data:`fmnist_lightning.data.NORMALIZATIONS`).
-
-    Raises:
-        CheckpointError: If the file is missing, is not a Lightning checkpoint, or does not hold the
-            configuration that rebuilds the network and names its normalisation.
-    """
-    path = Path(checkpoint)
-    state = load_checkpoint(path)
-    normalization = (state.get("datamodule_hyper_parameters") or {}).get("normalization")
-    if normalization not in NORMALIZATIONS:
-        raise CheckpointError(
-            f"{path} does not record the data normalisation its network was trained with (a checkpoint of a "
-            "task trained without FashionMNISTDataModule?); export it with export_task(task, normalization=...)."
-        )
-    try:
-        task = ClassificationTask.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:  # no model config (TypeError, jsonargparse errors), other weights (RuntimeError)
-        raise CheckpointError(
-            f"{path} cannot rebuild its network ({type(err).__name__}: {str(err).strip().splitlines()[0]}); "
-            "a task built in Python needs ClassificationTask.load_from_checkpoint(path, model=...) and export_task."
-        ) from err
-    return task.eval(), normalization
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -215,11 +182,8 @@ def export_task(
     tta = task.tta_flip if tta_flip is None else tta_flip
     model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last).cpu().eval()
     target = unused_path(Path(output))
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Written and checked under a temporary name beside the target: a failed export leaves nothing.
-    # (A name rather than mkstemp's file, which would keep mode 0600 instead of the umask's.)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with atomic_path(target, overwrite=False) as tmp:
         example = torch.rand(2, 1, 28, 28)
         with torch.no_grad():
             (_write_onnx if format == "onnx" else _write_torchscript)(model, example, tmp)
@@ -232,11 +196,6 @@ def export_task(
                         f"the exported {format} model's logits differ from PyTorch's by {diff:.3g} "
                         f"(> {TOLERANCE}) at batch size {batch}; nothing was written."
                     )
-        if target.exists():  # taken while we exported
-            target = unused_path(target)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -26,7 +26,6 @@ and a file that cannot be read is reported (:class:`UnreadableImageWarning`, nam
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,9 +35,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fmnist_lightning.errors import ConfigError, DataError
-
-if TYPE_CHECKING:  # only for annotations: data.py imports this module
-    from fmnist_lightning.predictions import Predictions
 
 #: Side of the network's square input.
 IMAGE_SIZE = 28
@@ -347,51 +343,6 @@ def compose_photo(
     if noise:
         rgb += np.random.default_rng(seed).normal(0, noise, rgb.shape)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-
-
-def predict_images(checkpoint: str | Path, path: str | Path, batch_size: int = 256) -> "Predictions":
-    """Predict the user's images with a checkpoint written by the CLI, through the Trainer.
-
-    The same path as ``predict --data.predict_dir``: the data module of the checkpoint (its
-    normalisation) streams the images, and the task's ``predict_step`` (with its flip TTA, if it was
-    trained so) gives the probabilities. Nothing is written.
-
-    Args:
-        checkpoint: A ``.ckpt`` file of ``fit`` (it holds the model and data configuration).
-        path: An image file or a folder of images.
-        batch_size: Images per batch.
-
-    Returns:
-        The predictions: ``files``, ``preds``, ``probs`` (``labels`` are None), in file order.
-
-    Raises:
-        DataError: If ``path`` is missing or none of its files could be read.
-        CheckpointError: If the checkpoint is missing, unreadable or not written by the CLI.
-    """
-    # Imported here: the data module imports this module for its predict set.
-    from lightning.pytorch import Trainer
-
-    from fmnist_lightning.data import FashionMNISTDataModule
-    from fmnist_lightning.export import load_task
-    from fmnist_lightning.predictions import Predictions
-
-    task, normalization = load_task(checkpoint)
-    dm = FashionMNISTDataModule(normalization=normalization, eval_batch_size=batch_size, predict_dir=str(path))
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    outputs = trainer.predict(task, datamodule=dm)
-    files = [f for out in outputs for f in out["files"]]
-    if not files:
-        raise DataError(f"none of the files under {path} could be read as an image (each is named above).")
-    probs = torch.cat([out["probs"] for out in outputs]).float()
-    preds = probs.argmax(dim=1).tolist()
-    names = tuple(dm.class_names)
-    return Predictions(list(range(len(files))), files, [None] * len(files), preds, probs, names)
 
 
 def top_k(probs: Tensor, class_names: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:

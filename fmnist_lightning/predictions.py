@@ -11,9 +11,8 @@ complete, so an interrupted run never leaves a half-written CSV under the final 
 """
 
 import csv
-import os
-import tempfile
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fmnist_lightning.errors import ConfigError
-from fmnist_lightning.runs import new_file_mode
+from fmnist_lightning.io import atomic_write
 
 TOP_K = 3
 
@@ -49,7 +48,7 @@ class PredictionsWriter:
 
     Args:
         path: The CSV to create. An existing file is never overwritten (pick a free name with
-            :func:`fmnist_lightning.runs.unused_path` first); ``FileExistsError`` if it exists.
+            :func:`fmnist_lightning.io.unused_path` first); ``FileExistsError`` if it exists.
         class_names: Class names in label order.
     """
 
@@ -58,7 +57,7 @@ class PredictionsWriter:
         self.class_names = tuple(class_names)
         self.rows = 0
         self._file = None
-        self._tmp: Path | None = None
+        self._target: AbstractContextManager | None = None
 
     def __enter__(self) -> "PredictionsWriter":
         return self.open()
@@ -67,11 +66,8 @@ class PredictionsWriter:
         """Start the file (under a temporary name); for use without ``with``, paired with :meth:`close`."""
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists; predictions are never written over an earlier file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.fchmod(fd, new_file_mode())
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "w", newline="")
+        self._target = atomic_write(self.path, newline="")
+        self._file = self._target.__enter__()
         self._writer = csv.writer(self._file)
         self._writer.writerow(header(self.class_names))
         return self
@@ -115,14 +111,17 @@ class PredictionsWriter:
 
     def close(self, discard: bool = False) -> None:
         """Rename the finished file into place, or remove it if ``discard`` (the run failed)."""
-        if self._file is None or self._tmp is None:
+        if self._target is None:
             return
-        self._file.close()
-        if not discard and not self.path.exists():
-            os.replace(self._tmp, self.path)
+        target, self._target, self._file = self._target, None, None
+        if discard or self.path.exists():  # taken meanwhile: never written over
+            target.__exit__(_Discarded, _Discarded(), None)
         else:
-            self._tmp.unlink(missing_ok=True)
-        self._file = None
+            target.__exit__(None, None, None)
+
+
+class _Discarded(Exception):
+    """Thrown into :func:`atomic_write` to drop an unfinished file."""
 
 
 def write_predictions(

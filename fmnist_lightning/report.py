@@ -36,9 +36,10 @@ from torchmetrics.functional.classification import (
 
 from fmnist_lightning.data import CLASS_NAMES, shard_indices
 from fmnist_lightning.evaluation import add_image, confusion_figure, curves_figure, image_grid, render, save_png
+from fmnist_lightning.io import unused_path
 from fmnist_lightning.predictions import write_predictions
 from fmnist_lightning.profiling import inference_speed, peak_memory
-from fmnist_lightning.runs import read_history, trainer_run_dir, unused_path
+from fmnist_lightning.runs import read_history, trainer_run_dir
 
 
 def summary_metrics(probs: Tensor, targets: Tensor, num_classes: int) -> dict[str, Any]:

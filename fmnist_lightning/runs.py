@@ -12,34 +12,14 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from lightning.pytorch import Trainer
+
+from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
+from fmnist_lightning.io import atomic_write
 
 HISTORY_FILE = "history.csv"
-
-
-def unused_path(path: Path) -> Path:
-    """``path`` itself if free, else ``stem_1.ext``, ``stem_2.ext``...: never overwrite a result."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    return candidate
-
-
-def new_file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (0666 less the umask).
-
-    ``tempfile.mkstemp``, used for atomic writes, makes its files 0600; a checkpoint or CSV renamed
-    into place from one should be readable as any other result.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def check_relative_name(value: object, what: str) -> None:
@@ -86,7 +66,7 @@ def check_writable(folder: Path, what: str) -> None:
         ) from err
 
 
-def trainer_run_dir(trainer: "Trainer") -> Path | None:
+def trainer_run_dir(trainer: Trainer) -> Path | None:
     """The run folder of a Trainer's logger, or None without a logger.
 
     ``Trainer.log_dir`` broadcasts from rank 0 under DDP, a collective: called from code that only
@@ -145,8 +125,6 @@ def find_run_checkpoint(run_root: Path, which: str) -> Path:
         ConfigError: If no run with a ``last.ckpt`` exists there, or its best checkpoint is gone.
         CheckpointError: If ``last.ckpt`` is unreadable.
     """
-    from fmnist_lightning.checkpoints import load_checkpoint
-
     run = latest_run(run_root)
     if run is None:
         raise ConfigError(
@@ -203,13 +181,11 @@ def append_history(run_dir: Path, row: Mapping[str, float]) -> None:
 
 
 def _write_history(file: Path, keys: Iterable[str], rows: list[Mapping[str, float]]) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_write(file, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(keys))
         writer.writeheader()
         # read_history parses every cell as a float: the counters go back to integers ("3", not "3.0").
         writer.writerows({k: int(v) if k in ("epoch", "step") else v for k, v in row.items()} for row in rows)
-    tmp.replace(file)
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, float]]:

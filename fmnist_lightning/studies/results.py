@@ -18,20 +18,21 @@ sharing a study writes the same tables, and a re-run rewrites them to match the 
 ``val/acc``), ``val loss`` the validation loss at that epoch.
 """
 
-import csv
 import json
 import math
-import os
 import shutil
 import statistics
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
+from fmnist_lightning.io import atomic_write, markdown_table, write_text
 from fmnist_lightning.stats import (
     PairedComparison,
     corrected_resampled_ttest,
@@ -42,10 +43,9 @@ from fmnist_lightning.stats import (
     paired_ttest,
     summarize,
 )
-from fmnist_lightning.studies.engine import CELL_ATTR_PREFIX, RESULT_ATTR, Session
 from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, format_value, short_names
-from fmnist_lightning.studies.storage import journal_path
 
+CELL_ATTR_PREFIX = "cell:"
 CELL_COLUMNS = (
     "cell",
     "point",
@@ -112,27 +112,25 @@ class Collected:
 def collect(study: optuna.Study, plan: StudyPlan) -> Collected:
     """Read completed cells, search points and refits (the first completed trial of each key) from a study."""
     points = list(plan.points)
-    cells: dict[str, dict[str, Any]] = {}
-    refits: dict[str, dict[str, Any]] = {}
+    collected = Collected(plan, points)
     errors: dict[str, str] = {}
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         attrs, kind = t.user_attrs, t.user_attrs.get("kind")
         if t.state == TrialState.COMPLETE and kind == "cell":
-            cells.setdefault(attrs["cell"], attrs[RESULT_ATTR])
+            collected.cells.setdefault(attrs["cell"], attrs["result"])
         elif t.state == TrialState.COMPLETE and kind == "refit":
-            refits.setdefault(attrs["point"], attrs[RESULT_ATTR])
+            collected.refits.setdefault(attrs["point"], attrs["result"])
         elif t.state == TrialState.COMPLETE and kind == "point":
-            found = plan.search_point(0, t.params)
             if all(p.name != attrs["point"] for p in points):
-                points.append(Point(attrs["point"], found.params, found.overrides))
+                points.append(Point(attrs["point"], plan.search_point(0, t.params).params))
             for key, value in attrs.items():
                 if key.startswith(CELL_ATTR_PREFIX):
-                    cells.setdefault(key.removeprefix(CELL_ATTR_PREFIX), value)
+                    collected.cells.setdefault(key.removeprefix(CELL_ATTR_PREFIX), value)
         elif t.state == TrialState.FAIL and "error" in attrs:
             errors[attrs.get("cell") or attrs.get("point") or f"trial {t.number}"] = attrs["error"]
-    collected = Collected(plan, points, cells, refits)
     # An error counts while its cell (or search point) has not completed since, by a retry.
-    done = set(cells) | {p.name for p in points if collected.is_complete(p)} | {f"refit/{p}" for p in refits}
+    done = {*collected.cells, *(p.name for p in points if collected.is_complete(p))}
+    done |= {f"refit/{p}" for p in collected.refits}
     collected.errors = {k: v for k, v in errors.items() if k not in done}
     return collected
 
@@ -163,62 +161,50 @@ def compare_to_reference(collected: Collected, point: Point, reference: Point) -
     mine = {(r["fold"], r["seed"]): r["val_acc"] for r in collected.records(point)}
     ref = {(r["fold"], r["seed"]): r["val_acc"] for r in collected.records(reference)}
     matched = sorted(set(mine) & set(ref), key=lambda k: (k[0] if k[0] is not None else -1, k[1]))
-    plan = collected.plan
-    if plan.num_folds is None:
-        if len(matched) < 2:
-            return None
-        return paired_ttest([mine[k] for k in matched], [ref[k] for k in matched])
-    folds = sorted({k[0] for k in matched})
-    if len(folds) < 2:
+    folds = collected.plan.num_folds
+    if folds is None:
+        return paired_ttest([mine[k] for k in matched], [ref[k] for k in matched]) if len(matched) >= 2 else None
+    fold_ids = sorted({k[0] for k in matched})
+    if len(fold_ids) < 2:
         return None
-    a = [statistics.fmean(mine[k] for k in matched if k[0] == f) for f in folds]
-    b = [statistics.fmean(ref[k] for k in matched if k[0] == f) for f in folds]
-    return corrected_resampled_ttest(a, b, plan.test_train_ratio or 0.0)
+    a = [statistics.fmean(mine[k] for k in matched if k[0] == f) for f in fold_ids]
+    b = [statistics.fmean(ref[k] for k in matched if k[0] == f) for f in fold_ids]
+    return corrected_resampled_ttest(a, b, 1 / (folds - 1))
 
 
 def ablation_rows(collected: Collected) -> list[dict[str, Any]]:
     """One row per arm (reference first): its scores and, for variants, the test against the reference."""
-    plan = collected.plan
-    reference = next(p for p in collected.points if p.name == plan.reference)
+    reference = next(p for p in collected.points if p.name == collected.plan.reference)
     rows = []
     for point in collected.points:
         row = point_row(collected, point, params=False)
-        row["overrides"] = " ".join(point.overrides)
+        row["overrides"] = " ".join(f"{k}={format_value(v)}" for k, v in point.params.items())
         if point is not reference:
             test = compare_to_reference(collected, point, reference)
-            row.update(
-                delta_acc=test.mean_diff if test else math.nan,
-                delta_ci_low=test.ci_low if test else math.nan,
-                delta_ci_high=test.ci_high if test else math.nan,
-                p_value=test.p_value if test else math.nan,
-                test=test.test if test else "",
-            )
+            row |= {
+                "delta_acc": test.mean_diff if test else math.nan,
+                "delta_ci_low": test.ci_low if test else math.nan,
+                "delta_ci_high": test.ci_high if test else math.nan,
+                "p_value": test.p_value if test else math.nan,
+                "test": test.test if test else "",
+            }
         rows.append(row)
-    adjusted = holm([r["p_value"] for r in rows[1:]])
-    for row, p in zip(rows[1:], adjusted, strict=True):
+    for row, p in zip(rows[1:], holm([r["p_value"] for r in rows[1:]]), strict=True):
         row["p_holm"] = p
-    _add_refit_tests(collected, rows, reference)
-    return rows
-
-
-def _add_refit_tests(collected: Collected, rows: list[dict[str, Any]], reference: Point) -> None:
-    """McNemar on the test predictions of each arm's refit against the reference's, Holm-adjusted."""
     ref = collected.refits.get(reference.name)
-    for row in rows:
+    for row in rows:  # McNemar on the test predictions of each arm's refit against the reference's
         refit = collected.refits.get(row["point"])
         if refit is None:
             continue
         row["test_acc"] = refit["test_acc"]
-        if ref is None or row["point"] == reference.name or refit["test_index_sha"] != ref["test_index_sha"]:
-            continue
-        mine = [c == "1" for c in refit["test_correct"]]
-        theirs = [c == "1" for c in ref["test_correct"]]
-        only_mine, only_ref = discordant_counts(mine, theirs)
-        row.update(only_arm_right=only_mine, only_reference_right=only_ref)
-        row["mcnemar_p"] = mcnemar_exact(only_mine, only_ref)
+        if ref is not None and row["point"] != reference.name and refit["test_index_sha"] == ref["test_index_sha"]:
+            mine, theirs = ([c == "1" for c in r["test_correct"]] for r in (refit, ref))
+            row["only_arm_right"], row["only_reference_right"] = discordant_counts(mine, theirs)
+            row["mcnemar_p"] = mcnemar_exact(row["only_arm_right"], row["only_reference_right"])
     tested = [r for r in rows if "mcnemar_p" in r]
     for row, p in zip(tested, holm([r["mcnemar_p"] for r in tested]), strict=True):
         row["mcnemar_p_holm"] = p
+    return rows
 
 
 def sweep_rows(collected: Collected) -> list[dict[str, Any]]:
@@ -232,7 +218,7 @@ def sweep_rows(collected: Collected) -> list[dict[str, Any]]:
         for row in rows:
             refit = collected.refits.get(row["point"])
             if refit is not None:
-                row.update(refit_val_acc=refit["val_acc"], test_acc=refit["test_acc"], test_f1=refit["test_f1"])
+                row |= {"refit_val_acc": refit["val_acc"], "test_acc": refit["test_acc"], "test_f1": refit["test_f1"]}
     best = collected.best_point()
     for row in rows:
         row["best"] = best is not None and row["point"] == best.name
@@ -243,94 +229,81 @@ def sweep_rows(collected: Collected) -> list[dict[str, Any]]:
 # Files
 
 
-def write_results(study: optuna.Study, session: Session) -> Path:
+def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: str = "") -> Collected:
     """Write ``cells.csv``, ``results.csv``, ``results.md`` and ``hparams/`` into the study folder.
 
+    Args:
+        study: The study.
+        plan: Its plan.
+        storage: Where the study is stored, as the results should name it (a journal file or a masked URL).
+        command: The command line, shown at the top of ``results.md``.
+
     Returns:
-        The path of ``results.md``.
+        What was collected from the study.
     """
-    plan = session.plan
     collected = collect(study, plan)
     out = plan.study_dir
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "cells.csv", [_cell_row(collected, c) for c in collected.expected if c.key in collected.cells])
+    cells = [{**collected.cells[c.key], **c.point.params} for c in collected.expected if c.key in collected.cells]
+    _write_csv(out / "cells.csv", cells, [*CELL_COLUMNS, *plan.keys] if plan.kind != "ablation" else CELL_COLUMNS)
     if plan.kind == "kfold":
-        rows = [_cell_row(collected, c) for c in collected.expected if c.key in collected.cells]
-        _write_csv(
-            out / "results.csv",
-            rows,
-            columns=("fold", "seed", "val_loss", "val_acc", "best_epoch", "epochs", "run_dir"),
-        )
-        body = _kfold_markdown(collected)
+        columns = ["fold", "seed", "val_loss", "val_acc", "best_epoch", "epochs", "run_dir"]
+        _write_csv(out / "results.csv", cells, columns)
+        body = _kfold_markdown(cells)
     else:
         rows = sweep_rows(collected)
         _write_csv(out / "results.csv", rows)
         body = _sweep_markdown(collected, rows)
         _write_hparams(out, collected, rows)
-    text = "\n".join([*_header(collected, session), "", body, *_footer(collected, session)]) + "\n"
-    _atomic_write(out / "results.md", text)
-    return out / "results.md"
+    what = {"kfold": "k-fold cross-validation", "grid": "grid sweep", "search": "search", "ablation": "ablation"}
+    split = "the config's validation split" if plan.num_folds is None else f"{plan.num_folds}-fold cross-validation"
+    scoring = f" with {', '.join(f'{k}={format_value(v)}' for k, v in plan.scoring.items())}" if plan.scoring else ""
+    seeds = f"training seed{'s' if len(plan.seeds) > 1 else ''} {', '.join(map(str, plan.seeds))}"
+    subject = "Folds trained" if plan.kind == "kfold" else "Each point is scored"
+    lines = [f"# {what[plan.kind]}: {plan.folder}", ""]
+    lines += ["```bash", command, "```", ""] if command else []
+    lines += [
+        f"{subject} on {split}{scoring}, {seeds}. val acc: validation accuracy of the best checkpoint of each "
+        "training (by val/acc); val loss: validation loss at that epoch; mean ± std over the trainings.",
+        "",
+        body,
+        "",
+        f"Trainings: {len(collected.expected) - len(collected.missing)} of {len(collected.expected)} complete.",
+    ]
+    if collected.errors:
+        lines.append("Failed (run the same command again to retry):")
+        lines += [f"- {key}: {(message.splitlines() or [''])[0]}" for key, message in collected.errors.items()]
+    lines.append(f"Optuna study `{study.study_name}` in {storage} (`optuna-dashboard {storage}` shows it).")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    return collected
 
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
-    """Read ``results.csv`` or ``cells.csv`` back: numbers as numbers, ``True``/``False`` as booleans."""
-
-    def value(text: str) -> Any:
-        if text in ("True", "False"):
-            return text == "True"
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
-    with Path(path).open(newline="") as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return "" if value is None else value
+    """Read ``results.csv`` or ``cells.csv`` back: numbers as numbers, booleans as booleans, empty cells NaN."""
+    return pd.read_csv(path).to_dict("records")
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r)) if rows else ["point"]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([[_csv_value(r.get(c)) for c in columns] for r in rows])
-    os.replace(tmp, path)
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r)) or ["point"]
 
+    def cell(value: Any) -> Any:
+        return json.dumps(value) if isinstance(value, list | dict) else value
 
-def _cell_row(collected: Collected, cell: Cell) -> dict[str, Any]:
-    record = collected.cells[cell.key]
-    return {**{c: record.get(c) for c in CELL_COLUMNS}, **cell.point.params}
+    frame = pd.DataFrame([[cell(r.get(c)) for c in columns] for r in rows], columns=columns)
+    with atomic_write(path, newline="") as f:
+        frame.to_csv(f, index=False, float_format="%.6g")
 
 
 def _write_hparams(out: Path, collected: Collected, rows: Sequence[dict[str, Any]]) -> None:
     """One TensorBoard HParams entry per point, written aside and swapped in (re-runs replace it)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard's writer: only when a study ends
 
-    tmp = out / f".hparams-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out / f".hparams-{uuid.uuid4().hex[:8]}"
     writer = SummaryWriter(log_dir=str(tmp))
     by_name = {p.name: p for p in collected.points}
     for row in rows:
         point = by_name[row["point"]]
         params = {"arm": point.name} if collected.plan.kind == "ablation" else dict(point.params)
-        hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in params.items()}
+        hparams = {k: v if isinstance(v, bool | int | float | str) else json.dumps(v) for k, v in params.items()}
         metrics = {
             f"hparams/{k}": float(row[k])
             for k in ("val_acc_mean", "val_acc_std", "val_loss_mean", "val_loss_std", "test_acc")
@@ -339,7 +312,7 @@ def _write_hparams(out: Path, collected: Collected, rows: Sequence[dict[str, Any
         if metrics:
             writer.add_hparams(hparams, metrics, run_name=point.name)
     writer.close()
-    final, old = out / "hparams", out / f".hparams-old-{os.getpid()}"
+    final, old = out / "hparams", out / f".hparams-old-{uuid.uuid4().hex[:8]}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -350,92 +323,28 @@ def _write_hparams(out: Path, collected: Collected, rows: Sequence[dict[str, Any
 # Markdown
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
-
-
 def _p(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
 def _signed(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:+.4f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.4f}"
 
 
-def _scoring(plan: StudyPlan) -> str:
-    seeds = ", ".join(map(str, plan.seeds))
-    split = "the config's validation split" if plan.num_folds is None else f"{plan.num_folds}-fold cross-validation"
-    extra = f" with {' '.join(plan.scoring)}" if plan.scoring else ""
-    return f"on {split}{extra}, training seed{'s' if len(plan.seeds) > 1 else ''} {seeds}"
+def _kfold_markdown(cells: Sequence[dict[str, Any]]) -> str:
+    rows = [{**r, "run": Path(r["run_dir"]).name} for r in cells]
+    if cells:
+        loss, acc = (summarize([r[k] for r in cells]) for k in ("val_loss", "val_acc"))
+        rows.append({"fold": "**mean ± std**", "val_loss": f"**{loss}**", "val_acc": f"**{acc}**"})
+    number = {k: (lambda v: v if isinstance(v, str) else f"{v:.4f}") for k in ("val_loss", "val_acc")}
+    columns = {"fold": "fold", "seed": "seed", "val_loss": "val loss", "val_acc": "val acc"}
+    return markdown_table(rows, {**columns, "best_epoch": "best epoch", "epochs": "epochs", "run": "run"}, number)
 
 
-def _header(collected: Collected, session: Session) -> list[str]:
-    plan = collected.plan
-    what = {"kfold": "k-fold cross-validation", "grid": "grid sweep", "search": "search", "ablation": "ablation"}
-    lines = [f"# {what[plan.kind]}: {plan.folder}", ""]
-    if session.command:
-        lines += ["```bash", session.command, "```", ""]
-    subject = "Folds trained" if plan.kind == "kfold" else "Each point is scored"
-    lines.append(
-        f"{subject} {_scoring(plan)}. val acc: validation accuracy of the best checkpoint of each training "
-        "(by val/acc); val loss: validation loss at that epoch; mean ± std over the trainings."
-    )
-    return lines
-
-
-def _footer(collected: Collected, session: Session) -> list[str]:
-    plan = collected.plan
-    done, expected = len(collected.cells), len(collected.expected)
-    lines = ["", f"Trainings: {min(done, expected)} of {expected} complete."]
-    if collected.errors:
-        lines.append("Failed (run the same command again to retry):")
-        lines += [f"- {key}: {message.splitlines()[0] if message else ''}" for key, message in collected.errors.items()]
-    journal = journal_path(session.storage, plan.study_dir)
-    where = str(journal) if journal is not None else _masked(session.storage or "")
-    lines.append(f"Optuna study `{session.study_name}` in {where} (`optuna-dashboard {where}` shows it).")
-    return lines
-
-
-def _masked(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy knows: show it as given
-        return url
-
-
-def _kfold_markdown(collected: Collected) -> str:
-    rows = []
-    records = [collected.cells[c.key] for c in collected.expected if c.key in collected.cells]
-    for r in records:
-        run = Path(r["run_dir"]).name
-        rows.append(
-            [
-                str(r["fold"]),
-                str(r["seed"]),
-                f"{r['val_loss']:.4f}",
-                f"{r['val_acc']:.4f}",
-                str(r["best_epoch"]),
-                str(r["epochs"]),
-                run,
-            ]
-        )
-    if records:
-        loss = summarize([r["val_loss"] for r in records])
-        acc = summarize([r["val_acc"] for r in records])
-        rows.append(["**mean ± std**", "", f"**{loss}**", f"**{acc}**", "", "", ""])
-    return "\n".join(_table(["fold", "seed", "val loss", "val acc", "best epoch", "epochs", "run"], rows))
-
-
-def _point_cells(row: dict[str, Any]) -> tuple[str, str]:
+def _scores(row: dict[str, Any]) -> tuple[str, str]:
     loss = mean_std(row["val_loss_mean"], row["val_loss_std"])
     acc = mean_std(row["val_acc_mean"], row["val_acc_std"])
-    return (f"**{loss}**", f"**{acc}**") if row["best"] else (loss, acc)
+    return loss, f"**{acc}**" if row["best"] else acc  # the best point is the best by accuracy
 
 
 def _sweep_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
@@ -445,85 +354,58 @@ def _sweep_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
     names = short_names(plan.keys)
     table = []
     for row in rows:
-        loss, acc = _point_cells(row)
-        table.append(
-            [*(format_value(row[k]) for k in plan.keys), loss, acc, str(row["n"]), "best" if row["best"] else ""]
-        )
-    header = [names[k] for k in plan.keys]
-    if plan.kind == "search":
-        header, table = (
-            ["trial", *header],
-            [[r["point"].split("-", 1)[0], *t] for r, t in zip(rows, table, strict=True)],
-        )
-    lines = _table([*header, "val loss", "val acc", "n", ""], table)
+        loss, acc = _scores(row)
+        params = {names[k]: format_value(row[k]) for k in plan.keys}
+        trial = {"trial": row["point"].split("-", 1)[0]} if plan.kind == "search" else {}
+        table.append({**trial, **params, "val loss": loss, "val acc": acc, "n": row["n"], "": "best" * row["best"]})
+    lines = [markdown_table(table)]
     if plan.kind == "grid" and len(plan.keys) == 2:
-        lines += ["", f"val acc by {names[plan.keys[0]]} (rows) and {names[plan.keys[1]]} (columns):", ""]
-        lines += _matrix(plan, rows)
+        first, second = plan.keys
+        lines += ["", f"val acc by {names[first]} (rows) and {names[second]} (columns):", ""]
+        by = {(json.dumps(r[first]), json.dumps(r[second])): _scores(r)[1] for r in rows}
+        firsts, seconds = (list(dict.fromkeys(json.dumps(p.params[k]) for p in plan.points)) for k in plan.keys)
+        matrix = [
+            {f"{names[first]} \\ {names[second]}": format_value(json.loads(a))}
+            | {format_value(json.loads(b)): by.get((a, b), "") for b in seconds}
+            for a in firsts
+        ]
+        lines.append(markdown_table(matrix))
     refits = [r for r in rows if "test_acc" in r]
     if refits:
         lines += ["", "Refit of the best point on the config's train/validation split, tested on the test set:", ""]
-        lines += _table(
-            ["point", "val acc (refit)", "test acc", "test macro-F1", "run"],
-            [
-                [
-                    r["point"],
-                    f"{r['refit_val_acc']:.4f}",
-                    f"{r['test_acc']:.4f}",
-                    f"{r['test_f1']:.4f}",
-                    collected.refits[r["point"]]["run_dir"],
-                ]
-                for r in refits
-            ],
-        )
+        refit_rows = [{**r, "run": collected.refits[r["point"]]["run_dir"]} for r in refits]
+        columns = {"point": "point", "refit_val_acc": "val acc (refit)", "test_acc": "test acc"}
+        four = {k: (lambda v: f"{v:.4f}") for k in ("refit_val_acc", "test_acc", "test_f1")}
+        lines.append(markdown_table(refit_rows, {**columns, "test_f1": "test macro-F1", "run": "run"}, four))
     return "\n".join(lines)
-
-
-def _matrix(plan: StudyPlan, rows: list[dict[str, Any]]) -> list[str]:
-    first, second = plan.keys
-    values = {k: list(dict.fromkeys(json.dumps(p.params[k]) for p in plan.points)) for k in plan.keys}
-    cell = {(json.dumps(r[first]), json.dumps(r[second])): r for r in rows}
-    body = []
-    for a in values[first]:
-        line = [format_value(json.loads(a))]
-        for b in values[second]:
-            row = cell.get((a, b))
-            line.append(_point_cells(row)[1] if row else "")
-        body.append(line)
-    names = short_names(plan.keys)
-    return _table([f"{names[first]} \\ {names[second]}", *(format_value(json.loads(b)) for b in values[second])], body)
 
 
 def _ablation_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
     plan = collected.plan
     table = []
     for row in rows:
-        loss, acc = _point_cells(row)
-        if row["point"] == plan.reference:
-            table.append([row["point"], row["overrides"] or "(config as is)", acc, loss, "", "", "", "", str(row["n"])])
-            continue
-        ci = "n/a" if math.isnan(row["delta_ci_low"]) else f"[{row['delta_ci_low']:+.4f}, {row['delta_ci_high']:+.4f}]"
-        table.append(
-            [
-                row["point"],
-                row["overrides"],
-                acc,
-                loss,
-                _signed(row["delta_acc"]),
-                ci,
-                _p(row["p_value"]),
-                _p(row["p_holm"]),
-                str(row["n"]),
-            ]
-        )
-    lines = _table(["arm", "overrides", "val acc", "val loss", "Δ val acc", "95% CI of Δ", "p", "p (Holm)", "n"], table)
-    tests = sorted({r["test"] for r in rows[1:] if r.get("test")})
+        loss, acc = _scores(row)
+        entry = {"arm": row["point"], "overrides": row["overrides"] or "(config as is)", "val acc": acc}
+        entry |= {"val loss": loss}
+        if row["point"] != plan.reference:
+            ci = (
+                "n/a"
+                if math.isnan(row["delta_ci_low"])
+                else f"[{row['delta_ci_low']:+.4f}, {row['delta_ci_high']:+.4f}]"
+            )
+            entry |= {"Δ val acc": _signed(row["delta_acc"]), "95% CI of Δ": ci}
+            entry |= {"p": _p(row["p_value"]), "p (Holm)": _p(row["p_holm"])}
+        table.append({**entry, "n": row["n"]})
+    columns = ["arm", "overrides", "val acc", "val loss", "Δ val acc", "95% CI of Δ", "p", "p (Holm)", "n"]
     method = (
         "paired t-test over seeds"
         if plan.num_folds is None
         else f"Nadeau and Bengio's corrected resampled t-test over the {plan.num_folds} folds "
         f"(seeds averaged within a fold; variance x (1/K + 1/(K-1)))"
     )
-    lines += [
+    tests = any(r.get("test") for r in rows[1:])
+    lines = [
+        markdown_table(table, dict(zip(columns, columns, strict=True))),
         "",
         f"Δ: arm minus reference on matched {'seeds' if plan.num_folds is None else 'folds and seeds'}; p: two-sided, "
         f"{method}{'' if tests else ' (needs at least two pairs)'}; p (Holm): Holm's step-down correction across "
@@ -531,27 +413,25 @@ def _ablation_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
     ]
     refits = [r for r in rows if "test_acc" in r]
     if refits:
-        reference = collected.refits.get(plan.reference or "")
+        ref = collected.refits.get(plan.reference or "")
         lines += [
             "",
             f"Refits (seed {plan.seeds[0]}, the config's train/validation split), tested on the test set:",
             "",
         ]
-        body = []
-        for r in refits:
-            delta = r["test_acc"] - reference["test_acc"] if reference else math.nan
-            body.append(
-                [
-                    r["point"],
-                    f"{r['test_acc']:.4f}",
-                    "" if r["point"] == plan.reference else _signed(delta),
-                    str(r.get("only_arm_right", "")),
-                    str(r.get("only_reference_right", "")),
-                    _p(r["mcnemar_p"]) if "mcnemar_p" in r else "",
-                    _p(r["mcnemar_p_holm"]) if "mcnemar_p_holm" in r else "",
-                ]
-            )
-        lines += _table(
-            ["arm", "test acc", "Δ test acc", "only arm right", "only reference right", "McNemar p", "p (Holm)"], body
-        )
+        body = [
+            {
+                "arm": r["point"],
+                "test acc": f"{r['test_acc']:.4f}",
+                "Δ test acc": ""
+                if r["point"] == plan.reference or ref is None
+                else _signed(r["test_acc"] - ref["test_acc"]),
+                "only arm right": r.get("only_arm_right", ""),
+                "only reference right": r.get("only_reference_right", ""),
+                "McNemar p": _p(r["mcnemar_p"]) if "mcnemar_p" in r else "",
+                "p (Holm)": _p(r["mcnemar_p_holm"]) if "mcnemar_p_holm" in r else "",
+            }
+            for r in refits
+        ]
+        lines.append(markdown_table(body))
     return "\n".join(lines)

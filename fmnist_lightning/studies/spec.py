@@ -1,4 +1,4 @@
-"""What a study trains: sweep files, their points and cells, checked against the CLI before anything runs.
+"""What a study trains: sweep files, their points and cells, checked against the run parser before anything runs.
 
 A sweep file (YAML) names config keys with the CLI's dotted names, in one of three forms::
 
@@ -10,7 +10,6 @@ A sweep file (YAML) names config keys with the CLI's dotted names, in one of thr
       model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       model.model.init_args.dropout: {type: float, low: 0.0, high: 0.5, step: 0.05}
       data.batch_size: {type: categorical, choices: [32, 64, 128]}
-      model.model.init_args.widths: {type: categorical, choices: [[8, 12], [32, 64]]}
     n_trials: 20                          # required with search
     sampler: TPESampler                   # optional: any sampler of optuna.samplers, or
                                           # {name: RandomSampler, seed: 0, ...} with its arguments
@@ -24,53 +23,48 @@ A sweep file (YAML) names config keys with the CLI's dotted names, in one of thr
 and optionally ``num_folds: K`` (score every point by K-fold cross-validation instead of the fixed
 validation split), ``seeds: N`` (training seeds ``s, s+1, ..., s+N-1`` from the config's
 ``seed_everything``) or ``seeds: [1, 2, 3]`` (the command line's ``--num_folds``/``--seeds`` win),
-and ``scoring:``, overrides for the trainings that score points but not for the refit (study
-004 scored with 10 epochs per fold and refitted with up to 50: ``scoring: {trainer.max_epochs: 10}``).
-They come right after the config, so the command line's own overrides still win.
+and ``scoring:``, overrides for the trainings that score points but not for the refit (study 004
+scored with 10 epochs per fold and refitted with up to 50: ``scoring: {trainer.max_epochs: 10}``).
 
 A **point** is one setting of the swept keys; a **cell** is one training: a point, a fold (or the
-fixed split) and a seed. Every key and value is parsed by the CLI's own parser first
-(:func:`fmnist_lightning.cli.parse_fit_config`), so a bad file fails before anything is trained or
+fixed split) and a seed. Every key and value is parsed by the run parser
+(:class:`~fmnist_lightning.config.RunCLI`) first, so a bad file fails before anything is trained or
 written. Keys the study itself sets (seed, folds, logger) cannot be swept.
 """
 
-import contextlib
 import copy
 import hashlib
-import io
 import itertools
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from fmnist_lightning.config import RunCLI, nested
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.training import Config
 
 FORMS = ("grid", "search", "ablation")
 FILE_KEYS = (*FORMS, "num_folds", "seeds", "n_trials", "sampler", "scoring")
-DISTRIBUTIONS = ("float", "int", "categorical")
 _DISTRIBUTION_FIELDS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
 }
 #: Keys the study sets for every cell: sweeping them would break its bookkeeping.
-RESERVED_KEYS = ("seed_everything", "data.num_folds", "data.fold", "trainer.logger", "config")
+RESERVED_KEYS = ("seed_everything", "data.num_folds", "data.fold", "trainer.logger", "config", "ckpt_path")
 #: Keys left out of a study's identity: where things are on this machine and how it shows progress,
 #: so the same command on another machine (other data folder, a GPU) joins the same study.
 MACHINE_KEYS = (
-    "config",
-    "seed_everything",
-    "ckpt_path",
-    "trainer.logger",
+    *RESERVED_KEYS,
     "trainer.accelerator",
     "trainer.devices",
     "trainer.enable_progress_bar",
@@ -80,8 +74,6 @@ MACHINE_KEYS = (
     "data.download",
     "data.num_workers",
     "data.data_on_device",
-    "data.num_folds",
-    "data.fold",
 )
 #: Samplers that must not drive a ``search:`` (a grid belongs in ``grid:``, where cells are queued).
 _REFUSED_SAMPLERS = ("GridSampler", "BruteForceSampler", "PartialFixedSampler")
@@ -93,20 +85,18 @@ class Point:
 
     Attributes:
         name: Folder-safe name, unique within the study (empty for k-fold's single point).
-        params: Swept key -> value, as the CLI parsed it (what tables and TensorBoard show).
-        overrides: The CLI overrides that make this point, ``--key=value``.
+        params: Dotted key -> value, as the parser read it: what the point overrides, what tables show.
     """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
-    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Cell:
     """One training: a point, a fold (None: the config's fixed validation split) and a seed.
 
-    ``refit`` cells train a point on the full training split and test it.
+    ``refit`` cells train a point on the config's own split and test it.
     """
 
     point: Point
@@ -133,7 +123,7 @@ class StudyPlan:
     Attributes:
         kind: ``kfold``, ``grid``, ``search`` or ``ablation``.
         name: Base name of the study folder (the sweep file's stem, or ``kfold5``).
-        fit_args: The base ``fit`` command line (``--config ...`` and overrides).
+        base: The base run configuration, resolved (what a run's ``config.yaml`` holds).
         save_dir: The logger's ``save_dir``.
         logger_name: The logger's ``name``: the study folder is ``<save_dir>/<logger_name>/<folder>``.
         num_folds: K of K-fold cross-validation, or None for the config's validation split.
@@ -144,14 +134,13 @@ class StudyPlan:
         n_trials: A search's number of points.
         sampler: A search's sampler: ``{"name": ..., **arguments}``.
         reference: An ablation's reference arm name.
-        scoring: Overrides of the scoring trainings only (not the refit), ``--key=value``.
+        scoring: Overrides of the scoring trainings only (not the refit), dotted key -> value.
         sweep_text: The sweep file's text, kept in the study for the record.
-        identity: What the study folder's hash covers (base config without machine keys, and the plan).
     """
 
     kind: str
     name: str
-    fit_args: list[str]
+    base: dict[str, Any]
     save_dir: str
     logger_name: str
     num_folds: int | None
@@ -162,30 +151,34 @@ class StudyPlan:
     n_trials: int | None = None
     sampler: dict[str, Any] | None = None
     reference: str | None = None
-    scoring: tuple[str, ...] = ()
+    scoring: dict[str, Any] = field(default_factory=dict)
     sweep_text: str = ""
-    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def digest(self) -> str:
-        """Eight hex digits identifying what is trained: the same command gives the same study folder."""
-        text = json.dumps(self.identity, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+    def identity(self) -> dict[str, Any]:
+        """What the study folder's hash covers: the base config without machine keys, and the plan."""
+        config = copy.deepcopy(self.base)
+        for key in MACHINE_KEYS:
+            *parents, last = key.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
+        points = [[p.name, p.params] for p in self.points]
+        plan = [self.kind, points, self.space, self.n_trials, self.sampler, self.scoring]
+        return {"config": config, "num_folds": self.num_folds, "seeds": self.seeds, "plan": plan}
 
     @property
     def folder(self) -> str:
-        """The study folder's name, e.g. ``study004_grid-1a2b3c4d``."""
-        return f"{self.name}-{self.digest}"
+        """The study folder's name, e.g. ``study004_grid-1a2b3c4d``: the same command, the same folder."""
+        text = json.dumps(self.identity, sort_keys=True, default=str)
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
     @property
     def study_dir(self) -> Path:
         """``<save_dir>/<logger_name>/<folder>``."""
         return Path(self.save_dir) / self.logger_name / self.folder
-
-    @property
-    def test_train_ratio(self) -> float | None:
-        """Validation over training images of one fold, ``1/(K-1)``; None without folds."""
-        return None if self.num_folds is None else 1 / (self.num_folds - 1)
 
     def folds(self) -> list[int | None]:
         """The folds each point is trained on (``[None]``: the fixed split)."""
@@ -206,7 +199,7 @@ class StudyPlan:
         if self.kind == "ablation":
             return {"arm": CategoricalDistribution([p.name for p in self.points])}
         return {
-            key: CategoricalDistribution(_unique([_optuna_value(p.params[key]) for p in self.points]))
+            key: CategoricalDistribution(list(dict.fromkeys(optuna_value(p.params[key]) for p in self.points)))
             for key in self.keys
         }
 
@@ -214,51 +207,84 @@ class StudyPlan:
         """A point's parameters as Optuna stores them (see :meth:`distributions`)."""
         if self.kind == "ablation":
             return {"arm": point.name}
-        return {key: _optuna_value(point.params[key]) for key in self.keys}
+        return {key: optuna_value(point.params[key]) for key in self.keys}
 
     def search_point(self, number: int, params: Mapping[str, Any]) -> Point:
         """The point of a search trial from Optuna's parameter values; named ``t007-<values>``."""
-        values: dict[str, Any] = {}
+        values = {}
         for key, spec in self.space.items():
             value = params[key]
             if spec["type"] == "categorical":  # Optuna stores lists as JSON text; give back the value
-                value = next(c for c in spec["choices"] if _optuna_value(c) == value)
+                value = next(c for c in spec["choices"] if optuna_value(c) == value)
             values[key] = value
-        name = f"t{number:03d}-{_slug(values)}"[:120]
-        return Point(name, values, tuple(_override(k, v) for k, v in values.items()))
+        return Point(f"t{number:03d}-{_slug(values)}"[:120], values)
 
-    def best_point(self, scores: Mapping[str, float]) -> Point | None:
-        """The point (of the plan, or any given by name in ``scores``) with the highest score."""
-        return max((p for p in self.points if p.name in scores), key=lambda p: scores[p.name], default=None)
+    def run_dir(self, cell: Cell) -> Path:
+        """A cell's run folder: ``<study folder>[/refit]/<point>/<fold>_<seed>``."""
+        return self.study_dir / ("refit" if cell.refit else "") / cell.point.name / cell.run_name
+
+    def cell_overrides(self, cell: Cell) -> dict[str, Any]:
+        """What a cell sets over the base config: scoring (not for a refit), the point, seed, fold and run folder."""
+        run_dir = self.run_dir(cell)
+        folds = {"data.num_folds": None, "data.fold": None}
+        if cell.fold is not None:
+            folds = {"data.num_folds": self.num_folds, "data.fold": cell.fold}
+        return {
+            **({} if cell.refit else self.scoring),
+            **cell.point.params,
+            **folds,
+            "seed_everything": cell.seed,
+            "trainer.logger.init_args.save_dir": self.save_dir,
+            "trainer.logger.init_args.name": run_dir.parent.relative_to(self.save_dir).as_posix(),
+            "trainer.logger.init_args.version": run_dir.name,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Building plans
 
 
-def plan_kfold(fit_args: Sequence[str], num_folds: int | None, seeds: int | Sequence[int] = 1) -> StudyPlan:
+class _Checker:
+    """Parses overrides over a base config with one run parser (building one costs a fraction of a second)."""
+
+    def __init__(self, config: Config) -> None:
+        try:
+            self.run = RunCLI(config, build=False, exit_on_error=False)
+        except ArgumentError as err:
+            raise ConfigError(f"the study's config: {' '.join(str(err).split())}") from None
+        self.base = self.run.dump()
+
+    def parse(self, overrides: Mapping[str, Any], what: str) -> Namespace:
+        """The config with ``overrides`` merged, as the parser read it; a refusal is a ConfigError about ``what``."""
+        try:
+            return self.run.parser.parse_object(nested(overrides), namespace=self.run.config)
+        except ArgumentError as err:
+            raise ConfigError(f"{what}: {' '.join(str(err).split())}") from None
+
+
+def plan_kfold(config: Config, num_folds: int | None, seeds: int | Sequence[int] = 1) -> StudyPlan:
     """The plan of a k-fold run: one point (the config as it is), every fold, every seed.
 
     Args:
-        fit_args: The ``fit`` command line, e.g. ``["--config", "configs/lightweight.yaml"]``.
+        config: The run configuration: a command line, e.g. ``["--config", "configs/lightweight.yaml"]``,
+            or a whole configuration (dict or namespace).
         num_folds: K (>= 2); None takes ``data.num_folds`` from the config.
         seeds: Number of seeds from the config's ``seed_everything``, or the seeds themselves.
 
     Raises:
         ConfigError: If K or the seeds are impossible, or the logger is not a TensorBoardLogger.
     """
-    cfg = parse_fit_config(list(fit_args))
-    num_folds = num_folds if num_folds is not None else cfg.data.get("num_folds")
+    checker = _Checker(config)
+    num_folds = num_folds if num_folds is not None else checker.base["data"].get("num_folds")
     if num_folds is None:
         raise ConfigError("kfold needs --num_folds K (K >= 2).")
-    plan = _base_plan("kfold", f"kfold{_check_folds(num_folds)}", fit_args, cfg, num_folds, seeds)
+    plan = _base_plan("kfold", f"kfold{_check_folds(num_folds)}", checker, num_folds, seeds)
     plan.points = [Point("")]
-    plan.identity["plan"] = {"kind": "kfold"}
     return plan
 
 
 def plan_sweep(
-    fit_args: Sequence[str],
+    config: Config,
     sweep_file: str | Path,
     num_folds: int | None = None,
     seeds: int | Sequence[int] | None = None,
@@ -266,7 +292,7 @@ def plan_sweep(
     """Read and check a sweep file against the config; nothing is trained or written.
 
     Args:
-        fit_args: The base ``fit`` command line.
+        config: The base run configuration (a command line, or a dict or namespace).
         sweep_file: The sweep YAML (see the module doc).
         num_folds: K-fold CV for every point; None: the file's ``num_folds``, else the fixed split.
         seeds: Number of seeds (or the seeds); None: the file's ``seeds``, else 1.
@@ -279,10 +305,9 @@ def plan_sweep(
     where = f"sweep file {path}"
     try:
         text = path.read_text()
+        content = yaml.safe_load(text)
     except OSError as err:
         raise ConfigError(f"{where} cannot be read ({err.strerror or err}).") from err
-    try:
-        content = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(content, dict):
@@ -297,82 +322,39 @@ def plan_sweep(
     if kind != "search" and ("n_trials" in content or "sampler" in content):
         raise ConfigError(f"{where}: n_trials and sampler only apply to a search: block.")
 
-    cfg = parse_fit_config(list(fit_args))
-    folds = num_folds if num_folds is not None else content.get("num_folds")
-    if folds is None:
-        folds = cfg.data.get("num_folds")
-    plan = _base_plan(kind, path.stem, fit_args, cfg, folds, seeds if seeds is not None else content.get("seeds", 1))
+    checker = _Checker(config)
+    folds = next((f for f in (num_folds, content.get("num_folds"), checker.base["data"].get("num_folds")) if f), None)
+    plan = _base_plan(kind, path.stem, checker, folds, seeds if seeds is not None else content.get("seeds", 1))
     plan.sweep_text = text
     if folds is not None:
         _check_folds(folds)
     scoring = content.get("scoring") or {}
     if not isinstance(scoring, dict):
         raise ConfigError(f"{where}: scoring: must map config keys to values, got {scoring!r}.")
-    plan.scoring = tuple(_override(_check_key(k, where), v) for k, v in scoring.items())
-    if plan.scoring:
-        _parse_overrides(with_scoring(plan.fit_args, plan.scoring), [], f"{where}: scoring")
+    for key in scoring:
+        _check_key(key, where)
+    plan.scoring = _parsed(checker.parse(scoring, f"{where}: scoring"), scoring)
     body = content[kind]
     if kind == "grid":
-        _plan_grid(plan, body, where)
+        _plan_grid(plan, checker, body, where)
     elif kind == "ablation":
-        _plan_ablation(plan, body, where)
+        _plan_ablation(plan, checker, body, where)
     else:
-        _plan_search(plan, body, content, where)
-    plan.identity["plan"] = {
-        "kind": kind,
-        "points": [[p.name, p.overrides] for p in plan.points],
-        "space": plan.space,
-        "n_trials": plan.n_trials,
-        "sampler": plan.sampler,
-        "scoring": plan.scoring,
-    }
+        _plan_search(plan, checker, body, content, where)
     return plan
 
 
-def _base_plan(
-    kind: str, name: str, fit_args: Sequence[str], cfg: Namespace, num_folds: int | None, seeds: Any
-) -> StudyPlan:
-    logger = cfg.trainer.get("logger")
-    init = logger.get("init_args") if isinstance(logger, Namespace) else None
-    class_path = logger.get("class_path", "") if isinstance(logger, Namespace) else ""
-    if init is None or not class_path.endswith("TensorBoardLogger") or not init.get("save_dir"):
+def _base_plan(kind: str, name: str, checker: _Checker, num_folds: int | None, seeds: Any) -> StudyPlan:
+    logger = checker.base["trainer"].get("logger")
+    init = logger.get("init_args") if isinstance(logger, dict) else None
+    if init is None or not str(logger.get("class_path", "")).endswith("TensorBoardLogger") or not init.get("save_dir"):
         raise ConfigError(
             "studies write every training as a run folder of a TensorBoardLogger: the config needs "
             "trainer.logger with class_path lightning.pytorch.loggers.TensorBoardLogger and a save_dir."
         )
-    seed_list = _check_seeds(seeds, cfg.get("seed_everything"))
-    base = cfg.clone().as_dict()
-    for key in MACHINE_KEYS:
-        _drop(base, key)
-    plan = StudyPlan(
-        kind=kind,
-        name=name,
-        fit_args=list(fit_args),
-        save_dir=str(init.save_dir),
-        logger_name=str(init.get("name") or "default"),
-        num_folds=num_folds,
-        seeds=seed_list,
-    )
-    plan.identity = {"config": base, "num_folds": num_folds, "seeds": seed_list}
-    return plan
-
-
-def parse_fit_config(fit_args: list[str]) -> Namespace:
-    """:func:`fmnist_lightning.cli.parse_fit_config`, imported when first used (the CLI may import this package)."""
-    from fmnist_lightning.cli import parse_fit_config as parse
-
-    return parse(fit_args)
-
-
-def with_scoring(fit_args: Sequence[str], scoring: Sequence[str]) -> list[str]:
-    """``fit_args`` with the scoring overrides right after the last ``--config`` (the command line wins)."""
-    end = 0
-    for i, arg in enumerate(fit_args):
-        if arg == "--config":
-            end = i + 2
-        elif arg.startswith("--config="):
-            end = i + 1
-    return [*fit_args[:end], *scoring, *fit_args[end:]]
+    seed_list = _check_seeds(seeds, checker.base.get("seed_everything"))
+    name_ = str(init.get("name") or "default")
+    return StudyPlan(kind, name, checker.base, str(init["save_dir"]), name_, num_folds, seed_list)
 
 
 def _check_folds(num_folds: Any) -> int:
@@ -382,9 +364,7 @@ def _check_folds(num_folds: Any) -> int:
 
 
 def _check_seeds(seeds: Any, base_seed: Any) -> list[int]:
-    if isinstance(seeds, bool):
-        raise ConfigError(f"seeds must be a count or a list of integers, got {seeds!r}.")
-    if isinstance(seeds, int):
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise ConfigError(f"seeds must be at least 1, got {seeds}.")
         if isinstance(base_seed, bool) or not isinstance(base_seed, int):
@@ -412,31 +392,16 @@ def _check_key(key: Any, where: str) -> str:
     return key
 
 
-def _parse_overrides(fit_args: Sequence[str], overrides: Sequence[str], what: str) -> Namespace:
-    """Parse the config with ``overrides`` as the CLI would; a refusal becomes a ConfigError about ``what``."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parse_fit_config([*fit_args, *overrides])
-    except SystemExit as exit_:
-        lines = [line.strip() for line in err.getvalue().splitlines() if line.strip()]
-        start = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("error:")), None)
-        message = " ".join(lines[start:]).removeprefix("error:").strip() if start is not None else str(exit_.code)
-        raise ConfigError(f"{what}: {message}") from None
+def _parsed(cfg: Namespace, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The given keys' values as the parser read them (``5e-3``, a string to YAML, becomes 0.005)."""
+    out = {}
+    for key, value in given.items():
+        parsed = cfg.get(key, value)
+        out[key] = value if isinstance(parsed, Namespace) else list(parsed) if isinstance(parsed, tuple) else parsed
+    return out
 
 
-def _parsed_value(cfg: Namespace, key: str, given: Any) -> Any:
-    """The value as the CLI parsed it (so ``5e-3``, a string to YAML, becomes 0.005); ``given`` for objects."""
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError):
-        return given
-    if isinstance(value, Namespace):
-        return given
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _plan_grid(plan: StudyPlan, grid: Any, where: str) -> None:
+def _plan_grid(plan: StudyPlan, checker: _Checker, grid: Any, where: str) -> None:
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{where}: grid: must map config keys to lists of values, and is empty or not a mapping.")
     values: dict[str, list[Any]] = {}
@@ -444,56 +409,45 @@ def _plan_grid(plan: StudyPlan, grid: Any, where: str) -> None:
         _check_key(key, where)
         if not isinstance(given, list) or not given:
             raise ConfigError(f"{where}: grid key {key} needs a non-empty list of values, got {given!r}.")
-        parsed = []
-        for value in given:
-            cfg = _parse_overrides(
-                with_scoring(plan.fit_args, plan.scoring),
-                [_override(key, value)],
-                f"{where}: grid key {key}, value {value!r}",
-            )
-            parsed.append(_parsed_value(cfg, key, value))
-        if len(_unique([_optuna_value(v) for v in parsed])) != len(parsed):
+        what = f"{where}: grid key {key}, value"
+        values[key] = [_parsed(checker.parse({**plan.scoring, key: v}, f"{what} {v!r}"), {key: v})[key] for v in given]
+        if len({json.dumps(optuna_value(v)) for v in values[key]}) != len(given):
             raise ConfigError(f"{where}: grid key {key} lists a value twice: {given!r}.")
-        values[key] = parsed
     plan.keys = list(values)
     combos = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
-    names = _unique_names([_slug(c) for c in combos])
-    plan.points = [
-        Point(n, c, tuple(_override(k, v) for k, v in c.items())) for n, c in zip(names, combos, strict=True)
-    ]
+    names = [_slug(c) for c in combos]
+    names = [n if names[:i].count(n) == 0 else f"{n}_{names[:i].count(n) + 1}" for i, n in enumerate(names)]
+    plan.points = [Point(n, c) for n, c in zip(names, combos, strict=True)]
 
 
-def _plan_ablation(plan: StudyPlan, ablation: Any, where: str) -> None:
+def _plan_ablation(plan: StudyPlan, checker: _Checker, ablation: Any, where: str) -> None:
     if not isinstance(ablation, dict) or set(ablation) - {"reference", "variants"} or "variants" not in ablation:
         raise ConfigError(
             f"{where}: ablation: needs `variants:` (name -> overrides) and optionally `reference:` (overrides); "
             f"got {ablation!r}."
         )
-    reference = ablation.get("reference") or {}
-    variants = ablation["variants"]
+    reference, variants = ablation.get("reference") or {}, ablation["variants"]
     if not isinstance(reference, dict):
         raise ConfigError(f"{where}: ablation reference must be a mapping of overrides, got {reference!r}.")
     if not isinstance(variants, dict) or not variants:
         raise ConfigError(f"{where}: ablation variants must be a non-empty mapping of name -> overrides.")
-    arms = {"reference": reference, **variants}
     if "reference" in variants:
         raise ConfigError(f"{where}: 'reference' is the reference arm's name; rename that variant.")
-    points = []
-    for name, overrides in arms.items():
+    for name, overrides in {"reference": reference, **variants}.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
             raise ConfigError(
                 f"{where}: ablation arm name {name!r} must be a plain folder name (letters, digits, ._=+-)."
             )
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where}: ablation arm {name} must map config keys to values, got {overrides!r}.")
-        args = [_override(_check_key(k, where), v) for k, v in overrides.items()]
-        cfg = _parse_overrides(plan.fit_args, args, f"{where}: ablation arm {name}")
-        params = {k: _parsed_value(cfg, k, v) for k, v in overrides.items()}
-        points.append(Point(name, params, tuple(args)))
-    plan.points, plan.keys, plan.reference = points, ["arm"], "reference"
+        for key in overrides:
+            _check_key(key, where)
+        cfg = checker.parse({**plan.scoring, **overrides}, f"{where}: ablation arm {name}")
+        plan.points.append(Point(name, _parsed(cfg, overrides)))
+    plan.keys, plan.reference = ["arm"], "reference"
 
 
-def _plan_search(plan: StudyPlan, space: Any, content: Mapping[str, Any], where: str) -> None:
+def _plan_search(plan: StudyPlan, checker: _Checker, space: Any, content: Mapping[str, Any], where: str) -> None:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}: search: must map config keys to distributions, and is empty or not a mapping.")
     n_trials = content.get("n_trials")
@@ -501,19 +455,19 @@ def _plan_search(plan: StudyPlan, space: Any, content: Mapping[str, Any], where:
         raise ConfigError(f"{where}: a search needs n_trials, a positive integer; got {n_trials!r}.")
     for key, spec in space.items():
         _check_key(key, where)
-        plan.space[key] = _check_distribution(plan, key, spec, f"{where}: search key {key}")
+        plan.space[key] = _check_distribution(key, spec, f"{where}: search key {key}", checker.parse)
     plan.keys, plan.n_trials = list(space), n_trials
     plan.sampler = _check_sampler(content.get("sampler"), where)
 
 
-def _check_distribution(plan: StudyPlan, key: str, spec: Any, what: str) -> dict[str, Any]:
-    if not isinstance(spec, dict) or "type" not in spec:
+def _check_distribution(key: str, spec: Any, what: str, parse: Callable[..., Namespace]) -> dict[str, Any]:
+    if not isinstance(spec, dict) or spec.get("type") not in _DISTRIBUTION_FIELDS:
+        if isinstance(spec, dict) and "type" in spec:
+            raise ConfigError(f"{what}: unknown distribution type {spec['type']!r}; known: float, int, categorical.")
         raise ConfigError(
             f"{what}: needs a distribution such as {{type: float, low: 1.0e-4, high: 1.0e-2}}, got {spec!r}."
         )
     kind = spec["type"]
-    if kind not in DISTRIBUTIONS:
-        raise ConfigError(f"{what}: unknown distribution type {kind!r}; known: {', '.join(DISTRIBUTIONS)}.")
     extra = sorted(set(spec) - _DISTRIBUTION_FIELDS[kind])
     if extra:
         raise ConfigError(f"{what}: {kind} distributions take {sorted(_DISTRIBUTION_FIELDS[kind])}, not {extra}.")
@@ -522,45 +476,39 @@ def _check_distribution(plan: StudyPlan, key: str, spec: Any, what: str) -> dict
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{what}: categorical needs a non-empty list of choices, got {choices!r}.")
-        if len(_unique([_optuna_value(c) for c in choices])) != len(choices):
+        if len({json.dumps(optuna_value(c)) for c in choices}) != len(choices):
             raise ConfigError(f"{what}: categorical lists a choice twice: {choices!r}.")
-        checked["choices"] = [
-            _parsed_value(_parse_overrides(plan.fit_args, [_override(key, c)], f"{what}, choice {c!r}"), key, c)
-            for c in choices
-        ]
-    else:
-        number = int if kind == "int" else (int, float)
-        low, high = spec.get("low"), spec.get("high")
-        for name, value in (("low", low), ("high", high)):
-            if isinstance(value, bool) or not isinstance(value, number):
-                raise ConfigError(f"{what}: {kind} needs a numeric {name}, got {value!r}.")
-            _parse_overrides(plan.fit_args, [_override(key, value)], f"{what}, {name} {value!r}")
-        try:
-            _distribution(checked)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{what}: {err}") from None
+        checked["choices"] = [_parsed(parse({key: c}, f"{what}, choice {c!r}"), {key: c})[key] for c in choices]
+        return checked
+    for bound in ("low", "high"):
+        value = spec.get(bound)
+        if isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float)):
+            raise ConfigError(f"{what}: {kind} needs a numeric {bound}, got {value!r}.")
+        parse({key: value}, f"{what}, {bound} {value!r}")
+    try:
+        _distribution(checked)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{what}: {err}") from None
     return checked
 
 
 def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
-    if sampler is None:
-        return {"name": "TPESampler"}
     spec = {"name": sampler} if isinstance(sampler, str) else dict(sampler) if isinstance(sampler, dict) else None
+    spec = {"name": "TPESampler"} if sampler is None else spec
     if spec is None or not isinstance(spec.get("name"), str):
         raise ConfigError(
             f"{where}: sampler must be a name (TPESampler) or {{name: ..., arguments...}}, got {sampler!r}."
         )
-    name = spec["name"]
-    cls = getattr(optuna.samplers, name, None)
+    cls = getattr(optuna.samplers, spec["name"], None)
     if not isinstance(cls, type) or not issubclass(cls, optuna.samplers.BaseSampler):
         known = sorted(n for n in dir(optuna.samplers) if n.endswith("Sampler") and n not in _REFUSED_SAMPLERS)
-        raise ConfigError(f"{where}: unknown sampler {name!r}; optuna.samplers has {', '.join(known)}.")
-    if name in _REFUSED_SAMPLERS:
-        raise ConfigError(f"{where}: {name} cannot drive a search; write the values as a grid: block instead.")
+        raise ConfigError(f"{where}: unknown sampler {spec['name']!r}; optuna.samplers has {', '.join(known)}.")
+    if spec["name"] in _REFUSED_SAMPLERS:
+        raise ConfigError(f"{where}: {spec['name']} cannot drive a search; write the values as a grid: block instead.")
     try:
         make_sampler(spec)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: sampler {name} refuses its arguments: {err}") from None
+        raise ConfigError(f"{where}: sampler {spec['name']} refuses its arguments: {err}") from None
     return spec
 
 
@@ -582,22 +530,9 @@ def make_sampler(spec: Mapping[str, Any], worker: int = 0) -> optuna.samplers.Ba
 # Values, names and distributions
 
 
-def _override(key: str, value: Any) -> str:
-    """``--key=value`` with the value as the CLI reads it (JSON for numbers, booleans, lists)."""
-    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-
-
-def _optuna_value(value: Any) -> Any:
+def optuna_value(value: Any) -> Any:
     """Optuna's categorical choices are None, bool, int, float or str: lists and mappings become JSON."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
-def _unique(values: Sequence[Any]) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        if not any(v == u and type(v) is type(u) for u in out):
-            out.append(v)
-    return out
+    return value if value is None or isinstance(value, bool | int | float | str) else json.dumps(value)
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -627,48 +562,11 @@ def _slug(params: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-") or "point"
 
 
-def _unique_names(names: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return out
-
-
 def _distribution(spec: Mapping[str, Any]) -> BaseDistribution:
     if spec["type"] == "categorical":
-        return CategoricalDistribution([_optuna_value(c) for c in spec["choices"]])
+        return CategoricalDistribution([optuna_value(c) for c in spec["choices"]])
     if spec["type"] == "int":
         return IntDistribution(spec["low"], spec["high"], log=bool(spec.get("log", False)), step=spec.get("step", 1))
     return FloatDistribution(
         float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)), step=spec.get("step")
-    )
-
-
-def _drop(tree: dict[str, Any], dotted: str) -> None:
-    """Delete ``a.b.c`` from nested dicts, if there."""
-    *parents, last = dotted.split(".")
-    node: Any = tree
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            return
-    if isinstance(node, dict):
-        node.pop(last, None)
-
-
-def describe(plan: StudyPlan) -> dict[str, Any]:
-    """A JSON-safe summary of the plan, stored in the study for the record (and optuna-dashboard)."""
-    return copy.deepcopy(
-        {
-            "kind": plan.kind,
-            "fit_args": plan.fit_args,
-            "num_folds": plan.num_folds,
-            "seeds": plan.seeds,
-            "keys": plan.keys,
-            "n_trials": plan.n_trials,
-            "sampler": plan.sampler,
-            "digest": plan.digest,
-        }
     )

@@ -1,4 +1,4 @@
-"""Where a study lives (Optuna storages) and how trials of dead workers are found and queued again.
+"""Where a study lives: Optuna's journal file (the default) or any database Optuna accepts, with heartbeats.
 
 - Default: Optuna's journal file in the study folder (``optuna.journal``): embedded, nothing to
   start, safe for several processes (SQLite locks up under parallel writers, optuna issues 4002
@@ -7,35 +7,26 @@
 - Any database URL Optuna accepts (``postgresql://user@host/db``, ``mysql://...``) gives an
   ``RDBStorage``, which many machines can share.
 
-A worker killed with ``kill -9`` leaves its trial RUNNING for ever. Two mechanisms put it back in the
-queue, both ending in Optuna's ``RetryHeartbeatStaleTrialCallback`` (a WAITING copy of the trial
-with its parameters and user attributes, so finished folds of a search point are kept):
-
-1. Heartbeats. ``RDBStorage`` has them; Optuna's ``JournalStorage`` does not (optuna 5.0), so
-   :class:`HeartbeatJournalStorage` adds them, keeping the last beat as a trial system attribute.
-   A RUNNING trial whose last beat is older than the grace period is stale (``fail_stale_trials``).
-   This covers workers on other machines (clocks must agree within the grace period for journals;
-   databases use the server's clock).
-2. On this machine, at once: every claimed trial records its worker (host, boot, pid, process start
-   time); a RUNNING trial whose worker process is gone is failed and queued again without waiting
-   for the grace period (:func:`reclaim_dead_trials`). So a re-run right after ``kill -9``
-   completes the missing cells immediately.
+A worker killed with ``kill -9`` leaves its trial RUNNING. Optuna's heartbeats find it: every
+running trial beats from a thread of ``study.optimize``, and a trial whose last beat is older than
+the grace period is failed by the next ``optimize`` (``fail_stale_trials``) and queued again by
+``RetryHeartbeatStaleTrialCallback`` with its parameters and user attributes. ``RDBStorage`` has
+heartbeats; Optuna's ``JournalStorage`` does not (optuna issue 6615), which
+:class:`HeartbeatJournalStorage` fills.
 """
 
-import contextlib
 import os
-import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import optuna
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+
+# Private, and needed: BaseHeartbeat is the interface optimize() looks for to run heartbeats and to fail
+# stale trials; optuna exports no public name for it. tests/test_study.py fails loudly if it moves.
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
@@ -44,8 +35,7 @@ from fmnist_lightning.errors import ConfigError
 
 JOURNAL_FILE = "optuna.journal"
 HEARTBEAT_ATTR = "fmnist:heartbeat"
-WORKER_ATTR = "fmnist:worker"
-#: How many times a trial killed with its worker is queued again before it is left failed.
+#: How many times a trial whose worker died is queued again before it is left failed.
 MAX_RETRY = 3
 
 
@@ -57,12 +47,11 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with heartbeats, which it lacks (optuna 5.0).
+    """Optuna's journal storage with the heartbeats it lacks.
 
     The last beat of a trial is its system attribute ``fmnist:heartbeat`` (seconds since the epoch,
-    this machine's clock); a RUNNING trial is stale when neither its start nor its last beat is
-    within ``grace_period`` seconds. The attribute is copied into a retried trial, so its start
-    time counts too.
+    the worker's clock: machines sharing a journal must agree on the time within the grace period).
+    A RUNNING trial is stale when neither its start nor its last beat is within ``grace_period``.
 
     Args:
         backend: The journal backend (a file).
@@ -79,43 +68,37 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     ) -> None:
         super().__init__(backend)
-        self._heartbeat_interval = heartbeat_interval
-        self._grace_period = grace_period
-        self._stale_callback = heartbeat_stale_trial_callback
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.stale_callback = heartbeat_stale_trial_callback
 
     def record_heartbeat(self, trial_id: int) -> None:
         """Record that the trial's worker is alive now."""
         self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's hook (private by name, abstract in ``BaseHeartbeat``): the RUNNING trials gone quiet."""
         now = time.time()
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
-            last = max(started, float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)))
-            if now - last > self._grace_period:
-                stale.append(trial._trial_id)
+            if now - max(started, float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0))) > self.grace_period:
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, trial.number))
         return stale
 
     def get_heartbeat_interval(self) -> int:
         """Seconds between beats."""
-        return self._heartbeat_interval
+        return self.heartbeat_interval
 
     def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
         """The callback run for each trial failed as stale."""
-        return self._stale_callback
-
-
-def is_database_url(storage: str) -> bool:
-    """Whether ``storage`` is a database URL (``dialect://...``) rather than a journal file path."""
-    return "://" in storage
+        return self.stale_callback
 
 
 def journal_path(storage: str | None, study_dir: Path) -> Path | None:
-    """The journal file a study uses, or None when it lives in a database."""
-    if storage is None:
-        return study_dir / JOURNAL_FILE
-    return None if is_database_url(storage) else Path(storage)
+    """The journal file a study uses (absolute), or None when it lives in a database (``dialect://...``)."""
+    if storage is not None and "://" in storage:
+        return None
+    return (study_dir / JOURNAL_FILE if storage is None else Path(storage)).absolute()
 
 
 def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, grace_period: int) -> BaseStorage:
@@ -135,7 +118,7 @@ def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal_tail(path)
-            backend = JournalFileBackend(str(path))
+            backend = JournalFileBackend(str(path))  # absolute: the lock's symlink must point somewhere real
         except OSError as err:
             raise ConfigError(f"cannot write the study journal {path} ({err.strerror or err}).") from err
         return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, retry_callback())
@@ -182,144 +165,3 @@ def repair_journal_tail(path: Path) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
     finally:
         lock.release()
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers and their liveness
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of a process (clock ticks since boot), None if it does not run (or is a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if not Path("/proc/self/stat").exists():  # no procfs: ask the kernel whether the pid exists
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                return ""
-            return ""
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    if fields[0] in ("Z", "X"):  # killed but not yet reaped by its parent: dead
-        return None
-    return fields[19]
-
-
-def this_worker(trial_number: int) -> dict[str, Any]:
-    """Who runs a trial: host, boot, pid and start time of this process, and the trial's number."""
-    return {
-        "trial": trial_number,
-        "host": socket.gethostname(),
-        "boot": _boot_id(),
-        "pid": os.getpid(),
-        "start": _process_start(os.getpid()) or "",
-    }
-
-
-def _is_dead_here(worker: Any, trial_number: int) -> bool:
-    """Whether ``worker`` (a WORKER_ATTR value) ran on this machine and its process has ended."""
-    if not isinstance(worker, dict) or worker.get("trial") != trial_number:
-        return False  # copied from the trial this one retries, or written by something else
-    if worker.get("host") != socket.gethostname() or worker.get("boot") != _boot_id():
-        return False
-    start = _process_start(int(worker["pid"]))
-    return start is None or (bool(worker.get("start")) and bool(start) and start != worker["start"])
-
-
-def _grace_period(storage: BaseStorage) -> float | None:
-    """Seconds without a beat after which a RUNNING trial is stale; None without heartbeats."""
-    storage = getattr(storage, "_backend", storage)  # a study wraps a database in Optuna's _CachedStorage
-    if isinstance(storage, HeartbeatJournalStorage):
-        return storage._grace_period
-    if isinstance(storage, RDBStorage) and storage.heartbeat_interval:
-        return storage.grace_period or 2 * storage.heartbeat_interval  # Optuna's own default
-    return None
-
-
-def _unsigned_for(trial: FrozenTrial, worker: Any, grace: float | None) -> bool:
-    """Whether a RUNNING trial was claimed over ``grace`` seconds ago and never signed by its worker.
-
-    A worker killed between claiming a trial and signing it leaves no worker and, on a database,
-    no heartbeat row, which Optuna's ``fail_stale_trials`` skips: the trial would wait for ever.
-    Claims are signed (and beat once) within milliseconds, so a grace period is ample.
-    """
-    if grace is None or trial.datetime_start is None:
-        return False
-    if isinstance(worker, dict) and worker.get("trial") == trial.number:
-        return False
-    return (datetime.now() - trial.datetime_start).total_seconds() > grace
-
-
-def reclaim_dead_trials(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose worker is dead and queue them again; returns how many.
-
-    Stale heartbeats (any machine) go through Optuna's ``fail_stale_trials``; trials of processes
-    that ended on this machine are failed at once, and so are trials claimed more than a grace
-    period ago by a worker that died before it signed them (:func:`_unsigned_for`). Either way the
-    storage's retry callback makes the WAITING copy, exactly once per trial: of two processes failing
-    the same trial, the second gets ``UpdateFinishedTrialError``.
-    """
-    storage = study._storage  # Optuna's own callbacks work on it; there is no public handle
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    callback = retry_callback()
-    grace = _grace_period(storage)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.system_attrs.get(WORKER_ATTR)
-        if not (_is_dead_here(worker, trial.number) or _unsigned_for(trial, worker, grace)):
-            continue
-        try:
-            failed = storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # another process failed (or finished) it first
-        if failed:
-            callback(study, storage.get_trial(trial._trial_id))
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    return len(after - before)
-
-
-class Heartbeat:
-    """Beat for a trial from a thread while it trains (a no-op for storages without heartbeats).
-
-    Use as a context manager around the trial's work; the thread stops before the trial is told.
-    """
-
-    def __init__(self, storage: BaseStorage, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
-        interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        assert self._interval is not None
-        while True:
-            # A failure (the trial was failed by another process, the storage hiccupped) is left to
-            # the next beat; a real loss of contact shows as a stale trial.
-            with contextlib.suppress(Exception):
-                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> "Heartbeat":
-        if self._interval:
-            self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self._trial_id}", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
