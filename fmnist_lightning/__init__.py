@@ -6,6 +6,11 @@ What is importable from here (each name also lives in the module in brackets):
   the 10k test set, or a folder of your own images with ``predict_dir``), :data:`CLASS_NAMES`,
   :func:`load_fashion_mnist` (the four arrays as uint8 tensors), :class:`BatchAugment` [``data``, ``augment``];
 - the task: :class:`ClassificationTask`, the one LightningModule, around any ``nn.Module`` [``task``];
+- the jobs: :func:`fit`, :func:`validate`, :func:`test` and :func:`predict` run one configuration (a
+  command line such as ``["--config", "configs/fast.yaml"]``, or a dict such as a run's ``config.yaml``)
+  as the command line does, and return a :class:`RunResult` or an :class:`EvaluationResult` [``training``];
+- studies: :func:`run_kfold` and :func:`run_sweep` (k-fold, grid, search and ablation studies on Optuna),
+  with :class:`StudyOptions` (workers, storage) [``studies``];
 - models: the :mod:`models` subpackage (every network, one family per file) and :func:`build`, a
   network by name (``"TinyVGG"``, ``"LightweightCNN"``...) [``models``];
 - evaluation: :func:`summary_metrics` (accuracy, macro-F1, calibration, per-class metrics and the
@@ -17,14 +22,14 @@ What is importable from here (each name also lives in the module in brackets):
   :func:`mcnemar_exact` [``compare``];
 - the predictions CSV: :func:`write_predictions`, :func:`read_predictions` and what it returns,
   :class:`Predictions` [``predictions``];
-- your own images: :func:`predict_images` (a CLI checkpoint on a folder), :func:`read_image` (any photo
-  to a Fashion-MNIST-like uint8 ``(28, 28)``), :func:`compose_photo` (a photo-like image made from a
-  dataset image), :func:`top_k`, :class:`UnreadableImageWarning` [``images``];
+- your own images: :func:`predict_images` (a CLI checkpoint on a folder) [``inference``], :func:`read_image`
+  (any photo to a Fashion-MNIST-like uint8 ``(28, 28)``), :func:`compose_photo` (a photo-like image made
+  from a dataset image), :func:`top_k`, :class:`UnreadableImageWarning` [``images``];
 - export: :func:`export_checkpoint` (a CLI checkpoint), :func:`export_task` (a task trained in
   Python), :func:`load_exported` [``export``]; ONNX needs the optional extra
   ``pip install 'fmnist_lightning[export]'``, imported only when an ONNX file is written or run;
 - the command line: :func:`main` (``main(["fit", "--config", "configs/fast.yaml"])`` runs what
-  ``python -m fmnist_lightning fit --config configs/fast.yaml`` runs) [``cli``];
+  ``python -m fmnist_lightning fit --config configs/fast.yaml`` runs and returns its exit status 0) [``cli``];
 - errors: :class:`FashionMNISTError`, the base of :class:`DataError`, :class:`ConfigError` and
   :class:`CheckpointError` [``errors``].
 
@@ -70,7 +75,9 @@ from fmnist_lightning.models import build
 from fmnist_lightning.predictions import Predictions, read_predictions, write_predictions
 from fmnist_lightning.report import summary_metrics
 from fmnist_lightning.runs import read_history
+from fmnist_lightning.studies import StudyOptions, run_kfold, run_sweep
 from fmnist_lightning.task import ClassificationTask
+from fmnist_lightning.training import EvaluationResult, RunResult, fit, predict, test, validate
 
 __all__ = [
     "CLASS_NAMES",
@@ -79,10 +86,13 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DataError",
+    "EvaluationResult",
     "FashionMNISTDataModule",
     "FashionMNISTError",
     "MetricsHistory",
     "Predictions",
+    "RunResult",
+    "StudyOptions",
     "UnreadableImageWarning",
     "build",
     "compare_runs",
@@ -91,18 +101,24 @@ __all__ = [
     "curves_figure",
     "export_checkpoint",
     "export_task",
+    "fit",
     "image_grid",
     "load_exported",
     "load_fashion_mnist",
     "main",
     "mcnemar_exact",
     "models",
+    "predict",
     "predict_images",
     "read_history",
     "read_image",
     "read_predictions",
+    "run_kfold",
+    "run_sweep",
     "summary_metrics",
+    "test",
     "top_k",
+    "validate",
     "write_predictions",
 ]
 __version__ = "0.1.0"

@@ -292,6 +292,8 @@ class RunCLI(LightningCLI):
 
 def add_run_arguments(parser: LightningArgumentParser) -> None:
     """The package's callback groups (``--checkpoint.*``...), links and run options, on a run parser."""
+    # First: it sets check_val_every_n_epoch in its setup, before EarlyStopping's setup reads it.
+    parser.add_lightning_class_args(ValidationSchedule, "validation_schedule")
     parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
     parser.set_defaults(
         {
@@ -303,7 +305,6 @@ def add_run_arguments(parser: LightningArgumentParser) -> None:
     )
     parser.add_lightning_class_args(EarlyStopping, "early_stopping")
     parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
-    parser.add_lightning_class_args(ValidationSchedule, "validation_schedule")
     parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
     parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
     parser.add_lightning_class_args(EpochTimer, "epoch_timer")

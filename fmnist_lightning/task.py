@@ -1,6 +1,7 @@
 """``ClassificationTask``: the one LightningModule, wrapping any ``nn.Module`` that returns logits."""
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -198,7 +199,12 @@ class ClassificationTask(LightningModule):
 
     def on_train_start(self) -> None:
         """Refuse a one-cycle schedule that would run out of steps (e.g. a resume with more epochs)."""
-        steps = int(self.trainer.estimated_stepping_batches)
+        trainer = self.trainer
+        steps = int(trainer.estimated_stepping_batches)
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.num_training_batches != float("inf"):
+            # A resumed run has taken its earlier epochs' steps, whose batches per epoch may have differed.
+            per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+            steps = max(steps, trainer.global_step + (trainer.max_epochs - trainer.current_epoch) * per_epoch)
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, OneCycleLR) and steps > scheduler.total_steps:

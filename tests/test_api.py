@@ -58,7 +58,19 @@ def test_every_public_name_imports_and_is_documented():
 
 
 def test_public_names_are_the_package_objects():
-    from fmnist_lightning import cli, compare, data, export, images, predictions, report, runs, task
+    from fmnist_lightning import (
+        cli,
+        compare,
+        data,
+        export,
+        images,
+        inference,
+        predictions,
+        report,
+        runs,
+        task,
+        training,
+    )
 
     assert fl.ClassificationTask is task.ClassificationTask
     assert fl.FashionMNISTDataModule is data.FashionMNISTDataModule
@@ -71,9 +83,15 @@ def test_public_names_are_the_package_objects():
     assert fl.read_history is runs.read_history
     assert (fl.read_predictions, fl.write_predictions) == (predictions.read_predictions, predictions.write_predictions)
     assert (fl.predict_images, fl.read_image, fl.compose_photo) == (
-        images.predict_images,
+        inference.predict_images,
         images.read_image,
         images.compose_photo,
+    )
+    assert (fl.fit, fl.validate, fl.test, fl.predict) == (
+        training.fit,
+        training.validate,
+        training.test,
+        training.predict,
     )
     assert (fl.export_checkpoint, fl.load_exported) == (export.export_checkpoint, export.load_exported)
     assert set(fl.models.__all__) >= {"TinyVGG", "LinearClassifier", "build"}

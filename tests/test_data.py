@@ -123,7 +123,7 @@ def test_truncated_idx_file_gives_a_clear_error(tmp_path, data_dir):
 def test_gz_files_in_data_dir_are_found(tmp_path, data_dir):
     for name in IDX_FILES:
         raw = (Path(data_dir) / "FashionMNIST" / "raw" / name.removesuffix(".gz")).read_bytes()
-        (tmp_path / name).write_bytes(gzip.compress(raw))
+        (tmp_path / name).write_bytes(gzip.compress(raw, compresslevel=1))
     arrays = load_fashion_mnist(tmp_path, system_dir=tmp_path / "nowhere", download=False)
     assert arrays["train_images"].shape == (60_000, 28, 28)
 

@@ -21,11 +21,7 @@ import torch
 from fmnist_lightning.cli import main
 from fmnist_lightning.data import IDX_FILES
 
-from .conftest import fast_fit_args
-
-ROOT = Path(__file__).parent.parent
-LINEAR = ["--config", str(ROOT / "configs" / "linear.yaml")]
-TINYVGG = ["--config", str(ROOT / "configs" / "tinyvgg.yaml"), "--model.model.init_args.widths=[8, 16]"]
+from .conftest import LINEAR, ROOT, TINYVGG, fast_fit_args
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -41,14 +37,12 @@ def write_idx_labels(path: Path, labels: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, data_dir):
+def ws(tmp_path_factory, data_dir, tinyvgg_run, linear_run):
     """A workspace: a fitted tiny TinyVGG run, a linear run, broken checkpoints, broken data folders."""
     ws = tmp_path_factory.mktemp("ws")
     logs = ws / "logs"
-    main(["fit", *TINYVGG, *fast_fit_args(data_dir, logs)])
-    main(["fit", *LINEAR, *fast_fit_args(data_dir, logs)])
-    run = logs / "tinyvgg" / "version_0"
-    good = run / "checkpoints" / "last.ckpt"
+    good = tinyvgg_run.copy(logs).last
+    shutil.rmtree(linear_run.copy(logs).report)  # an untested run, for compare
     bad = ws / "ckpts"
     bad.mkdir()
     (bad / "empty.ckpt").write_bytes(b"")

@@ -6,14 +6,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist_lightning import ConfigError
-from fmnist_lightning.cli import main
+from fmnist_lightning.cli import run as main
 from fmnist_lightning.compare import compare_runs, mcnemar_exact
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.evaluation import safe_tag
-
-from .conftest import fast_fit_args
-
-ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.parametrize(
@@ -36,17 +32,10 @@ def test_safe_tag_removes_the_slash_of_t_shirt_top():
     assert [safe_tag(n) for n in CLASS_NAMES][-1] == "Ankle_boot"
 
 
-@pytest.fixture(scope="module")
-def tested_runs(tmp_path_factory, data_dir):
-    """Two short real runs (TinyVGG and the linear baseline), each fitted then tested."""
-    logs = tmp_path_factory.mktemp("logs")
-    runs = []
-    for config, extra in (("tinyvgg", ["--model.model.init_args.widths=[8, 16]"]), ("linear", [])):
-        args = [*fast_fit_args(data_dir, logs, "--trainer.limit_test_batches=4"), *extra]
-        main(["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *args])
-        main(["test", "--config", str(ROOT / "configs" / f"{config}.yaml"), *args, "--ckpt_path=best"])
-        runs.append(logs / config / "version_0")
-    return runs
+@pytest.fixture
+def tested_runs(tinyvgg_run, linear_run) -> list[Path]:
+    """Two short real runs (TinyVGG and the linear baseline), each fitted then tested on the same 1,024 images."""
+    return [tinyvgg_run.run_dir, linear_run.run_dir]
 
 
 def test_report_files_are_written_and_consistent(tested_runs):

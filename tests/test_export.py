@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fmnist_lightning.cli import main
 from fmnist_lightning.data import NORMALIZATIONS
 from fmnist_lightning.errors import CheckpointError, ConfigError
 from fmnist_lightning.export import (
@@ -22,26 +21,16 @@ from fmnist_lightning.export import (
     export_checkpoint,
     export_task,
     load_exported,
-    load_task,
 )
+from fmnist_lightning.inference import load_task
 from fmnist_lightning.models import AirbenchNet, TinyVGG
 from fmnist_lightning.task import ClassificationTask
 
-from .conftest import fast_fit_args
 
-ROOT = Path(__file__).parent.parent
-SMALL_TINYVGG = ["--config", str(ROOT / "configs" / "tinyvgg.yaml"), "--model.model.init_args.widths=[8, 16]"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def checkpoint(tinyvgg_run) -> Path:
     """A TinyVGG (8-16, flip TTA as tinyvgg.yaml) fitted for 30 batches by the CLI (about 70% accurate)."""
-    root = tmp_path_factory.mktemp("export_fit")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, root / "logs", "--trainer.limit_train_batches=30")])
-    (ckpt,) = (root / "logs").rglob("last.ckpt")
-    return ckpt
+    return tinyvgg_run.last
 
 
 @pytest.fixture(scope="module")

@@ -16,28 +16,23 @@ from PIL import Image, features
 from torch.utils.data import DataLoader
 
 from fmnist_lightning import images
-from fmnist_lightning.cli import main
+from fmnist_lightning.cli import run
 from fmnist_lightning.data import CLASS_NAMES, NORMALIZATIONS
 from fmnist_lightning.errors import ConfigError, DataError
-from fmnist_lightning.export import load_task
 from fmnist_lightning.images import (
     FIT_SIZE,
     ImageFilesDataset,
     UnreadableImageWarning,
     compose_photo,
     list_image_files,
-    predict_images,
     preprocess_grey,
     preprocess_image,
     read_image,
 )
+from fmnist_lightning.inference import load_task, predict_images
 from fmnist_lightning.predictions import read_predictions
 
 from .conftest import fast_fit_args
-
-ROOT = Path(__file__).parent.parent
-SMALL_TINYVGG = ["--config", str(ROOT / "configs" / "tinyvgg.yaml"), "--model.model.init_args.widths=[8, 16]"]
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -97,14 +92,10 @@ def garments(arrays: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A TinyVGG (8-16) fitted for 30 batches by the CLI: (checkpoint, the run's config.yaml)."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        main(["fit", *SMALL_TINYVGG, *fast_fit_args(data_dir, root / "logs", "--trainer.limit_train_batches=30")])
-    (ckpt,) = (root / "logs").rglob("last.ckpt")
-    return ckpt, ckpt.parent.parent / "config.yaml"
+def trained(tinyvgg_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of the session's TinyVGG (8-16, 30 batches) run: (its last checkpoint, its config.yaml)."""
+    copy = tinyvgg_run.copy(tmp_path_factory.mktemp("trained"))
+    return copy.last, copy.config
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -435,18 +426,16 @@ def test_predict_cli_writes_user_image_predictions(tmp_path, trained, garments, 
     no_data = [f"--data.system_dir={tmp_path / 'nowhere'}", "--data.download=false"]
     args = fast_fit_args(tmp_path / "no_data", logs, *no_data)
     with pytest.warns(UnreadableImageWarning) as record:
-        cli = main(["predict", "--config", str(config), *args, f"--ckpt_path={ckpt}", f"--data.predict_dir={photos}"])
+        path = run(["predict", "--config", str(config), *args, f"--ckpt_path={ckpt}", f"--data.predict_dir={photos}"])
     warned = " ".join(str(w.message) for w in record)
     assert "broken.png" in warned
     assert "notes.txt" in warned
-    writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PredictionCSVWriter")
-    assert writer.path is not None
-    assert writer.path.name == "predictions.csv"
+    assert path.name == "predictions.csv"
 
-    result = read_predictions(writer.path)
+    result = read_predictions(path)
     assert result.files == readable
     assert all(label is None for label in result.labels)
-    with writer.path.open(newline="") as f:
+    with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     for row, probs in zip(rows, result.probs, strict=True):
         top = probs.topk(3)
@@ -474,12 +463,10 @@ def test_predict_cli_on_a_single_file_and_without_predict_dir(tmp_path, trained,
     monkeypatch.chdir(tmp_path)
     compose_photo(garments[0]).save(tmp_path / "boot.png")
     args = ["predict", "--config", str(config), *fast_fit_args(data_dir, tmp_path / "logs"), f"--ckpt_path={ckpt}"]
-    one = main([*args, f"--data.predict_dir={tmp_path / 'boot.png'}"])
-    first = next(c for c in one.trainer.callbacks if type(c).__name__ == "PredictionCSVWriter").path
+    first = run([*args, f"--data.predict_dir={tmp_path / 'boot.png'}"])
     assert read_predictions(first).files == [str(tmp_path / "boot.png")]
     # Without predict_dir: the test set as before, with labels and no file names, in a new file.
-    test_set = main(args)
-    second = next(c for c in test_set.trainer.callbacks if type(c).__name__ == "PredictionCSVWriter").path
+    second = run(args)
     assert second != first
     assert read_predictions(first).files == [str(tmp_path / "boot.png")]  # not written over
     result = read_predictions(second)
@@ -498,11 +485,11 @@ def test_predict_cli_with_no_readable_image_fails_and_writes_nothing(tmp_path, t
     logs = tmp_path / "logs"
     args = ["predict", "--config", str(config), *fast_fit_args(tmp_path, logs), f"--ckpt_path={ckpt}"]
     with pytest.warns(UnreadableImageWarning), pytest.raises(SystemExit) as exit_:
-        main([*args, f"--data.predict_dir={junk}"])
+        run([*args, f"--data.predict_dir={junk}"])
     assert "no image could be read" in str(exit_.value.code)
     assert str(junk) in str(exit_.value.code)
     assert not list(logs.rglob("predictions*.csv"))
     assert not list(logs.rglob("*.tmp"))
     with pytest.raises(SystemExit) as exit_:
-        main([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
+        run([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
     assert "missing does not exist" in str(exit_.value.code)

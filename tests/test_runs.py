@@ -14,16 +14,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fmnist_lightning import training
 from fmnist_lightning.checkpoints import load_checkpoint
-from fmnist_lightning.cli import main
+from fmnist_lightning.cli import run
 from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.runs import read_history
 
-from .conftest import fast_fit_args
-
-ROOT = Path(__file__).parent.parent
-LINEAR = ["--config", str(ROOT / "configs" / "linear.yaml")]
-TINYVGG = ["--config", str(ROOT / "configs" / "tinyvgg.yaml"), "--model.model.init_args.widths=[8, 16]"]
+from .conftest import LINEAR, TINYVGG, fast_fit_args
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -40,38 +37,40 @@ def test_last_ckpt_is_the_last_epoch_even_without_improvement(tmp_path, data_dir
     """A learning rate of 0 never improves val/acc after epoch 0: best stays at 0, last moves on."""
     monkeypatch.chdir(tmp_path)
     args = fast_fit_args(data_dir, tmp_path, "--trainer.max_epochs=3", "--model.optimizer.init_args.lr=0")
-    cli = main(["fit", *LINEAR, *args, "--model.lr_scheduler=null"])
-    ckpts = Path(cli.trainer.log_dir) / "checkpoints"
+    result = training.fit([*LINEAR, *args, "--model.lr_scheduler=null"])
+    ckpts = result.run_dir / "checkpoints"
     assert epoch_of(ckpts / "last.ckpt") == 2
     (best,) = ckpts.glob("best-*.ckpt")
     assert epoch_of(best) == 0
-    history = read_history(Path(cli.trainer.log_dir))
+    assert (result.best_checkpoint, result.last_checkpoint) == (best, ckpts / "last.ckpt")
+    history = read_history(result.run_dir)
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
 
 
 def test_resume_last_continues_the_same_run_in_place(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     base = [*LINEAR, *fast_fit_args(data_dir, tmp_path), "--model.lr_scheduler=null"]
-    first = main(["fit", *base, "--trainer.max_epochs=2"])
-    run = Path(first.trainer.log_dir)
-    best_before = first.trainer.checkpoint_callback.best_model_score
-    resumed = main(["fit", *base, "--trainer.max_epochs=4", "--ckpt_path=last"])
-    assert Path(resumed.trainer.log_dir) == run
-    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
-    assert resumed.trainer.current_epoch == 4
+    first = run(["fit", *base, "--trainer.max_epochs=2"])
+    run_dir = first.run_dir
+    resumed = run(["fit", *base, "--trainer.max_epochs=4", "--ckpt_path=last"])
+    assert resumed.run_dir == run_dir
+    assert resumed.resumed and not first.resumed
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    assert resumed.epochs == 4
     assert resumed.trainer.global_step == 4 * 3  # 3 batches an epoch: nothing redone, nothing skipped
-    assert resumed.trainer.checkpoint_callback.best_model_score >= best_before  # best state carried on
-    assert [int(r["epoch"]) for r in read_history(run)] == [0, 1, 2, 3]
-    assert (run / "config.yaml").is_file()
-    assert (run / "config_resume.yaml").is_file()
-    steps = [s for s, _ in scalars(run)["val/acc"]]
+    assert resumed.best_score >= first.best_score  # best state carried on
+    assert [int(r["epoch"]) for r in read_history(run_dir)] == [0, 1, 2, 3]
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config_resume.yaml").is_file()
+    steps = [s for s, _ in scalars(run_dir)["val/acc"]]
     assert len(steps) == 4
     assert steps == sorted(steps)  # one TensorBoard run, continuing
     out = capsys.readouterr().out
-    assert f"Run folder: {run}" in out
+    assert f"Run folder: {run_dir}" in out
     assert "Test it:" in out
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_completed_epoch(tmp_path, data_dir):
     """kill -9 in the middle of an epoch, then `fit --ckpt_path last` with the same command."""
     cmd = [sys.executable, "-m", "fmnist_lightning", "fit", *TINYVGG]
@@ -102,12 +101,8 @@ def test_a_killed_run_resumes_from_its_last_completed_epoch(tmp_path, data_dir):
     assert [int(r["epoch"]) for r in read_history(run)] == [0, 1, 2, 3]
 
 
-def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(tmp_path, data_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = [*LINEAR, *fast_fit_args(data_dir, tmp_path, "--trainer.max_epochs=2")]
-    cli = main(["fit", *args])
-    run = Path(cli.trainer.log_dir)
-    main(["test", *args, "--ckpt_path=best"])
+def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(linear_run):
+    run = linear_run.run_dir
     acc = EventAccumulator(str(run))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -115,7 +110,7 @@ def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(tmp
     assert "hp_metric" not in tags
     best = max(v for _, v in scalars(run)["val/acc"])
     assert scalars(run)["hp/best_val_acc"][-1][1] == pytest.approx(best)
-    test_acc = json.loads((run / "report" / "metrics.json").read_text())["accuracy"]
+    test_acc = json.loads((linear_run.report / "metrics.json").read_text())["accuracy"]
     assert scalars(run)["hp/test_acc"][-1][1] == pytest.approx(test_acc)
     # The HParams plugin's session summary lists the run's hyper-parameters and the three metrics.
     plugin = acc.PluginTagToContent("hparams")
@@ -125,6 +120,7 @@ def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(tmp
         assert text in experiment
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_whole(tmp_path, data_dir):
     """Resume into a nearly full tmpfs: writing the next checkpoint fails; last.ckpt stays loadable."""
     disk = tmp_path / "disk"

@@ -1,4 +1,4 @@
-"""Studies: sweep files, k-fold, grid/search/ablation sweeps on Optuna, kill -9 and resume, parallel
+"""Studies: sweep files, k-fold, grid/search/ablation sweeps on Optuna's loop, kill -9 and resume, parallel
 workers on a journal file and on a real PostgreSQL server, and the statistics in the tables."""
 
 import contextlib
@@ -22,21 +22,27 @@ import optuna
 import pytest
 import torch
 import yaml
+from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.stats import corrected_resampled_ttest, discordant_counts, mcnemar_exact, paired_ttest, summarize
-from fmnist_lightning.studies import StudyIncomplete, engine, plan_sweep, read_table, run_kfold, run_sweep
-from fmnist_lightning.studies.engine import default_jobs
+from fmnist_lightning.studies import (
+    StudyIncomplete,
+    StudyOptions,
+    StudyPlan,
+    engine,
+    plan_sweep,
+    read_table,
+    run_kfold,
+    run_sweep,
+    storage,
+)
 from fmnist_lightning.studies.results import Collected, compare_to_reference
-from fmnist_lightning.studies.spec import Point, StudyPlan
-from fmnist_lightning.studies.storage import WORKER_ATTR, open_storage, reclaim_dead_trials
+from fmnist_lightning.studies.spec import Point
 
-from .conftest import fast_fit_args
-
-ROOT = Path(__file__).parent.parent
-LINEAR = ["--config", str(ROOT / "configs" / "linear.yaml")]
+from .conftest import LINEAR, ROOT, fast_fit_args
 
 
 def sweep_file(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
@@ -50,33 +56,26 @@ def study_args(data_dir: Path, logs: Path, *extra: str) -> list[str]:
     return [*LINEAR, *fast_fit_args(data_dir, logs, *extra)]
 
 
-def finished_runs(study_dir: Path) -> dict[str, list[Path]]:
-    """Cell key -> the run folders that completed it (each writes cell.json once it is done)."""
-    runs: dict[str, list[Path]] = {}
-    for file in study_dir.rglob("cell.json"):
-        runs.setdefault(json.loads(file.read_text())["cell"], []).append(file.parent)
-    return runs
+def load(out: Path, url: str | None = None) -> optuna.Study:
+    """The study of a study folder, from its journal (or ``url``)."""
+    storage_ = url or optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))
+    )
+    return optuna.load_study(study_name=f"{out.parent.name}/{out.name}", storage=storage_)
 
 
-def trained_files(study_dir: Path) -> list[str]:
-    """What only a training writes: configs, checkpoints, cell records."""
-    return sorted(str(p) for p in study_dir.rglob("*") if p.name in ("config.yaml", "cell.json") or p.suffix == ".ckpt")
+def completed(study: optuna.Study) -> dict[str, list[dict]]:
+    """Cell key -> the records of its COMPLETE trials (each the one record that the cell is done)."""
+    done: dict[str, list[dict]] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        if "result" in t.user_attrs:
+            done.setdefault(t.user_attrs["cell"], []).append(t.user_attrs["result"])
+    return done
 
 
-def launch(tmp_path: Path, argv: list[str], log_name: str) -> subprocess.Popen:
-    """A sweep command in its own process (so it can be killed with SIGKILL)."""
-    log = (tmp_path / log_name).open("w")
-    return subprocess.Popen([sys.executable, "-m", "fmnist_lightning", *argv], cwd=tmp_path, stdout=log, stderr=log)
-
-
-def wait_for(condition, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a sweep process ended (exit code {[p.poll() for p in procs]}) before {what}")
-        time.sleep(0.05)
+def checkpoints(study_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every checkpoint file under a study with its size and modification time (what a training writes)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in study_dir.rglob("*.ckpt")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +83,7 @@ def wait_for(condition, timeout: float, what: str, procs: list[subprocess.Popen]
 
 
 def test_grid_expands_to_every_combination_fold_and_seed(tmp_path, data_dir):
-    # 5e-3 without a dot is a string to YAML: the CLI's parser makes it the float 0.005.
+    # 5e-3 without a dot is a string to YAML: the parser makes it the float 0.005.
     sweep = sweep_file(
         tmp_path,
         "num_folds: 3\nseeds: 2\ngrid:\n"
@@ -96,7 +95,6 @@ def test_grid_expands_to_every_combination_fold_and_seed(tmp_path, data_dir):
     lr, bs = "model.optimizer.init_args.lr", "data.batch_size"
     assert [p.params for p in plan.points] == [{lr: a, bs: b} for a, b in product([0.01, 0.005], [32, 64, 128])]
     assert plan.points[1].name == "lr=0.01_batch_size=64"
-    assert plan.points[1].overrides == (f"--{lr}=0.01", f"--{bs}=64")
     cells = plan.cells()
     assert len(cells) == 6 * 3 * 2
     assert len({c.key for c in cells}) == len(cells)
@@ -104,11 +102,15 @@ def test_grid_expands_to_every_combination_fold_and_seed(tmp_path, data_dir):
         product([p.name for p in plan.points], [0, 1, 2], [42, 43])
     )
     assert [c.seed for c in cells] == [42] * 18 + [43] * 18  # every point on the first seed first
+    overrides = plan.cell_overrides(cells[1])
+    assert (overrides[lr], overrides[bs], overrides["data.fold"], overrides["seed_everything"]) == (0.01, 32, 1, 42)
+    assert plan.run_dir(cells[1]) == plan.study_dir / "lr=0.01_batch_size=32" / "fold1_seed42"
     # The folder is named by what is trained: machine paths do not change it, the config does.
     other = plan_sweep([*args, "--data.data_dir=/elsewhere", "--trainer.max_epochs=2"], sweep)
     assert other.identity["config"]["trainer"]["max_epochs"] == 2
     assert "data_dir" not in other.identity["config"]["data"]
     assert other.folder != plan.folder
+    assert plan_sweep([*args, "--data.data_dir=/elsewhere"], sweep).folder == plan.folder
     assert not (tmp_path / "logs").exists()
 
 
@@ -171,17 +173,18 @@ def test_every_shipped_sweep_file_plans_against_its_config():
 
 
 # ---------------------------------------------------------------------------------------------
-# k-fold
+# k-fold, in this process
 
 
 def test_kfold_trains_every_fold_in_its_own_run_and_tabulates_them(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = run_kfold(study_args(data_dir, tmp_path / "logs"), num_folds=3, jobs=1)
+    out = run_kfold(study_args(data_dir, tmp_path / "logs"), num_folds=3, options=StudyOptions(jobs=1))
     assert out.parent == tmp_path / "logs" / "linear"
     assert out.name.startswith("kfold3-")
     rows = read_table(out / "results.csv")
     assert [(r["fold"], r["seed"]) for r in rows] == [(0, 42), (1, 42), (2, 42)]
-    records = [json.loads((out / f"fold{f}_seed42" / "cell.json").read_text()) for f in range(3)]
+    study = load(out)
+    records = [completed(study)[f"fold{f}_seed42"][0] for f in range(3)]
     assert [r["val_acc"] for r in rows] == pytest.approx([r["val_acc"] for r in records], abs=1e-6)
     # A fresh fit per fold: its own run folder, checkpoint and config naming its fold.
     assert len({r["best_checkpoint"] for r in records}) == 3
@@ -191,10 +194,107 @@ def test_kfold_trains_every_fold_in_its_own_run_and_tabulates_them(tmp_path, dat
     table = (out / "results.md").read_text()
     assert f"**{summarize([r['val_acc'] for r in records])}**" in table
     assert f"**{summarize([r['val_loss'] for r in records])}**" in table
+    assert study.metric_names == ["val/acc"]
+
+    # A finished study trains nothing; a cell queued twice (two commands at once) is pruned, not trained.
+    before = checkpoints(out)
+    study.enqueue_trial(study.get_trials()[0].params, user_attrs=study.get_trials()[0].user_attrs)
+    run_kfold(study_args(data_dir, tmp_path / "logs"), num_folds=3, options=StudyOptions(jobs=1))
+    assert checkpoints(out) == before
+    assert load(out).get_trials()[-1].state == TrialState.PRUNED
+    assert all(len(r) == 1 for r in completed(load(out)).values())
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_train(tmp_path, data_dir, monkeypatch):
+    # One width for two conv layers parses but cannot build the network: only training finds it.
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(tmp_path, "grid:\n  model.model.init_args.widths: [[8], [8, 16]]\n")
+    args = ["--config", str(ROOT / "configs" / "lightweight.yaml"), *fast_fit_args(data_dir, tmp_path / "logs")]
+    with pytest.raises(StudyIncomplete, match="widths=8/seed42"):
+        run_sweep(args, sweep, options=StudyOptions(jobs=1))
+    out = plan_sweep(args, sweep).study_dir
+    assert sorted(completed(load(out))) == ["widths=8-16/seed42"]
+    table = (out / "results.md").read_text()
+    assert "Trainings: 1 of 2 complete." in table
+    assert "- widths=8/seed42:" in table  # the failure and its reason are in the table
 
 
 # ---------------------------------------------------------------------------------------------
-# Resuming and parallel workers
+# Heartbeats: Optuna's journal storage has none; ours fills the gap
+
+
+def test_optunas_private_heartbeat_interface_is_still_there():
+    """HeartbeatJournalStorage relies on optuna.storages._heartbeat.BaseHeartbeat and its stale-trial hook."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    assert "_get_stale_trial_ids" in BaseHeartbeat.__abstractmethods__
+    journal = storage.open_storage(None, Path(tempfile.mkdtemp()), heartbeat_interval=1, grace_period=2)
+    assert is_heartbeat_enabled(journal)
+
+
+def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again_by_optimize(tmp_path):
+    # What a worker killed on another machine leaves behind: a RUNNING trial whose heartbeats stop.
+    journal = storage.open_storage(None, tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=journal, study_name="s", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
+    trial = study.ask()
+    journal.record_heartbeat(trial._trial_id)
+    seen = []
+    study.optimize(lambda t: seen.append(dict(t.user_attrs)) or 0.0, n_trials=1)  # alive: a new trial instead
+    assert study.get_trials()[0].state == TrialState.RUNNING
+    time.sleep(2.5)
+    study.optimize(lambda t: seen.append(dict(t.user_attrs)) or 1.0, n_trials=1)  # stale: failed and retried
+    assert [t.state for t in study.get_trials()][:1] == [TrialState.FAIL]
+    assert seen[-1]["cell"] == "a/seed1"  # the same cell, queued again and run
+    assert storage.journal_path(None, tmp_path).is_absolute()
+
+
+def test_cv_comparison_averages_seeds_within_folds_then_corrects_for_overlap():
+    plan = StudyPlan("ablation", "a", {}, "logs", "x", num_folds=3, seeds=[1, 2], reference="reference")
+    ref, var = Point("reference"), Point("v")
+    acc = {  # (arm, fold, seed) -> val acc
+        **{("reference", f, s): 0.90 for f in range(3) for s in (1, 2)},
+        **{("v", 0, 1): 0.91, ("v", 0, 2): 0.91, ("v", 1, 1): 0.91, ("v", 1, 2): 0.93},
+        **{("v", 2, 1): 0.92, ("v", 2, 2): 0.94},
+    }
+    cells = {
+        f"{arm}/fold{f}_seed{s}": {"fold": f, "seed": s, "val_acc": a, "val_loss": 0.3}
+        for (arm, f, s), a in acc.items()
+    }
+    test = compare_to_reference(Collected(plan, [ref, var], cells), var, ref)
+    # fold means of the variant 0.91, 0.92, 0.93 against 0.90: K = 3 pairs, n_test/n_train = 1/2
+    expected = corrected_resampled_ttest([0.91, 0.92, 0.93], [0.90, 0.90, 0.90], 1 / 2)
+    assert test.test == "corrected resampled t"
+    assert test.n == 3
+    assert test.p_value == pytest.approx(expected.p_value)
+    assert test.p_value == pytest.approx(1 - math.sqrt(4.8 / 6.8))  # by hand, see test_stats.py
+
+
+def test_jobs_default_to_one_worker_per_core_on_a_cpu():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("with a GPU one worker is the default")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert engine.default_jobs() == max(1, min(engine.cpu_count(), memory // engine.WORKER_MEMORY_BYTES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several worker processes, kills and re-runs (real trainings: slow)
+
+
+def launch(tmp_path: Path, argv: list[str], log_name: str) -> subprocess.Popen:
+    """A sweep command in its own process (so it can be killed with SIGKILL)."""
+    log = (tmp_path / log_name).open("w")
+    return subprocess.Popen([sys.executable, "-m", "fmnist_lightning", *argv], cwd=tmp_path, stdout=log, stderr=log)
+
+
+def wait_for(condition, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a sweep process ended (exit code {[p.poll() for p in procs]}) before {what}")
+        time.sleep(0.05)
 
 
 def child_processes(pid: int) -> list[int]:
@@ -215,22 +315,28 @@ def alive(pid: int) -> bool:
         return False
 
 
+BEATS = ["--heartbeat_interval", "1", "--grace_period", "3"]
+
+
 @pytest.mark.slow
 def test_sweep_killed_with_sigkill_completes_only_the_missing_cells(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sweep = sweep_file(tmp_path, "num_folds: 2\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
     logs = tmp_path / "logs"
     args = study_args(data_dir, logs, "--trainer.max_epochs=4", "--trainer.limit_train_batches=10")
-    # Two worker processes (the default on a 2-core machine), so that killing the command must end them too.
-    proc = launch(tmp_path, ["sweep", "--sweep", str(sweep), "--jobs", "2", *args], "killed.log")
+    plan = plan_sweep(args, sweep)
+    # Two worker processes, so that killing the command must end them too.
+    proc = launch(tmp_path, ["sweep", "--sweep", str(sweep), "--jobs", "2", *BEATS, *args], "killed.log")
 
-    def unfinished() -> set[Path]:  # run folders with a checkpoint but no result yet
-        return {p.parent.parent for p in logs.rglob("last.ckpt")} - {p.parent for p in logs.rglob("cell.json")}
+    def done() -> int:
+        return len(completed(load(plan.study_dir))) if (plan.study_dir / "optuna.journal").is_file() else 0
 
-    # Kill it mid-training: one cell done, another one some epochs into its training. The two workers
-    # start together, so when the first cell is done the other worker's cell is about done too: wait
-    # for a cell started after that, one epoch into its four, so the kill surely lands inside it.
-    wait_for(lambda: any(logs.rglob("cell.json")), 120, "a cell done", [proc])
+    def unfinished() -> set[Path]:  # run folders with a last.ckpt whose cell is not done
+        runs = {p.parent.parent for p in logs.rglob("last.ckpt")}
+        return runs - {Path(r["run_dir"]) for rs in completed(load(plan.study_dir)).values() for r in rs}
+
+    # Kill it mid-training: one cell done, another one an epoch into a cell started after that.
+    wait_for(lambda: done() >= 1, 120, "a cell done", [proc])
     started = {p.parent for p in logs.rglob("config.yaml")}
     wait_for(lambda: unfinished() - started, 120, "a new cell one epoch in", [proc])
     workers = child_processes(proc.pid)
@@ -238,46 +344,39 @@ def test_sweep_killed_with_sigkill_completes_only_the_missing_cells(tmp_path, da
     proc.wait()
     assert workers
     wait_for(lambda: not any(alive(w) for w in workers), 15, "the orphaned workers to exit")
-    done_before = {p: p.read_bytes() for p in logs.rglob("cell.json")}
     interrupted = unfinished()
-    assert done_before
     assert 1 <= len(interrupted) <= 2
+    done_before = {str(p): p.read_bytes() for r in completed(load(plan.study_dir)).values() for p in
+                   Path(r[0]["run_dir"]).glob("checkpoints/*.ckpt")}  # fmt: skip
 
-    out = run_sweep(args, sweep, jobs=1)
-    plan = plan_sweep(args, sweep)
-    runs = finished_runs(out)
-    assert sorted(runs) == sorted(c.key for c in plan.cells())
-    assert all(len(r) == 1 for r in runs.values()), runs  # no cell trained to the end twice
+    out = run_sweep(args, sweep, options=StudyOptions(jobs=1, heartbeat_interval=1, grace_period=3))
+    cells = completed(load(out))
+    assert sorted(cells) == sorted(c.key for c in plan.cells())
+    assert all(len(r) == 1 for r in cells.values()), cells  # no cell trained to the end twice
     for path, content in done_before.items():  # finished cells were kept as they were
-        assert path.read_bytes() == content
+        assert Path(path).read_bytes() == content
     for folder in interrupted:  # the killed trainings went on from their last epoch, in their own folders
-        record = json.loads((folder / "cell.json").read_text())
+        (record,) = [r[0] for r in cells.values() if Path(r[0]["run_dir"]) == folder]
         assert record["resumed"] is True
         assert record["epochs"] == 4
     assert len(read_table(out / "cells.csv")) == 4
 
-    before = trained_files(out)
-    run_sweep(args, sweep, jobs=1)  # a finished sweep: nothing to train
-    assert trained_files(out) == before
+    before = checkpoints(out)
+    run_sweep(args, sweep, options=StudyOptions(jobs=1))  # a finished sweep: nothing to train
+    assert checkpoints(out) == before
 
 
-def test_jobs_default_to_one_worker_per_core_on_a_cpu():
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        pytest.skip("with a GPU one worker is the default")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert default_jobs() == max(1, min(engine.cpu_count(), memory // engine.WORKER_MEMORY_BYTES))
-
-
+@pytest.mark.slow
 def test_two_workers_split_the_grid_and_train_no_cell_twice(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sweep = sweep_file(tmp_path, "seeds: 2\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
-    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, jobs=2)
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, options=StudyOptions(jobs=2))
     rows = read_table(out / "cells.csv")
     assert len(rows) == 4
     assert len({r["cell"] for r in rows}) == 4
     assert len({r["worker"] for r in rows}) == 2  # both workers trained
-    assert all(len(r) == 1 for r in finished_runs(out).values())
-    assert len([p for p in out.rglob("config.yaml")]) == 4  # no training started twice either
+    assert all(len(r) == 1 for r in completed(load(out)).values())
+    assert len(list(out.rglob("config.yaml"))) == 4  # no training started twice either
     results = read_table(out / "results.csv")
     assert [r["n"] for r in results] == [2, 2]
     assert sum(r["best"] for r in results) == 1
@@ -286,6 +385,7 @@ def test_two_workers_split_the_grid_and_train_no_cell_twice(tmp_path, data_dir, 
     assert {"hparams/val_acc_mean", "hparams/val_loss_mean"} <= set(hparams.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_search_samples_exactly_n_trials_points_with_parallel_workers(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sweep = sweep_file(
@@ -296,89 +396,15 @@ def test_search_samples_exactly_n_trials_points_with_parallel_workers(tmp_path, 
         "n_trials: 3\n"
         "sampler: {name: RandomSampler, seed: 0}\n",
     )
-    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, jobs=2)
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, num_folds=2, options=StudyOptions(jobs=2))
     rows = read_table(out / "results.csv")
     assert len(rows) == 3
     assert all(1e-4 <= r["model.optimizer.init_args.lr"] <= 1e-1 for r in rows)
     assert {r["data.batch_size"] for r in rows} <= {32, 64}
     assert [r["val_acc_mean"] for r in rows] == sorted((r["val_acc_mean"] for r in rows), reverse=True)
-    assert len(read_table(out / "cells.csv")) == 3
-
-
-def test_a_failing_cell_is_reported_and_the_others_still_train(tmp_path, data_dir, monkeypatch):
-    # One width for two conv layers parses but cannot build the network: only training finds it.
-    monkeypatch.chdir(tmp_path)
-    sweep = sweep_file(tmp_path, "grid:\n  model.model.init_args.widths: [[8], [8, 16]]\n")
-    args = ["--config", str(ROOT / "configs" / "lightweight.yaml"), *fast_fit_args(data_dir, tmp_path / "logs")]
-    with pytest.raises(StudyIncomplete, match="widths=8/seed42"):
-        run_sweep(args, sweep, jobs=1)
-    out = plan_sweep(args, sweep).study_dir
-    assert sorted(finished_runs(out)) == ["widths=8-16/seed42"]
-    table = (out / "results.md").read_text()
-    assert "Trainings: 1 of 2 complete." in table
-    assert "- widths=8/seed42:" in table  # the failure and its reason are in the table
-
-
-def test_a_trial_without_heartbeat_from_another_machine_is_queued_again(tmp_path):
-    # What another machine leaves behind when it dies: a RUNNING trial signed by its host, whose
-    # heartbeats stop. Optuna's journal storage has no heartbeats; ours must notice it.
-    storage = open_storage(None, tmp_path, heartbeat_interval=1, grace_period=2)
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
-    trial = study.ask()
-    other = {"trial": trial.number, "host": "another-machine", "boot": "", "pid": 1, "start": ""}
-    storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, other)
-    storage.record_heartbeat(trial._trial_id)
-    assert reclaim_dead_trials(study) == 0  # alive as far as anyone can tell
-    time.sleep(2.5)
-    assert reclaim_dead_trials(study) == 1
-    states = [t.state for t in study.get_trials()]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert study.get_trials()[1].user_attrs["cell"] == "a/seed1"  # the same cell, queued again
-    assert reclaim_dead_trials(study) == 0  # and only once
-
-
-@pytest.mark.parametrize("kind", ["journal", "database"])
-def test_a_trial_claimed_but_never_signed_is_queued_again(tmp_path, kind):
-    # A worker killed between claiming a trial (RUNNING) and signing it leaves neither its worker nor,
-    # on a database, a heartbeat row, which Optuna's fail_stale_trials skips: the sweep waited for ever.
-    url = None if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
-    storage = open_storage(url, tmp_path, heartbeat_interval=1, grace_period=2)
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
-    waiting = study.get_trials()[0]
-    assert storage.set_trial_state_values(waiting._trial_id, state=optuna.trial.TrialState.RUNNING)
-    assert reclaim_dead_trials(study) == 0  # just claimed: its worker may be signing it now
-    time.sleep(2.5)
-    assert reclaim_dead_trials(study) == 1
-    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert study.get_trials()[1].user_attrs["cell"] == "a/seed1"
-    assert reclaim_dead_trials(study) == 0
-
-
-def test_cv_comparison_averages_seeds_within_folds_then_corrects_for_overlap():
-    plan = StudyPlan("ablation", "a", [], "logs", "x", num_folds=3, seeds=[1, 2], reference="reference")
-    ref, var = Point("reference"), Point("v")
-    acc = {  # (arm, fold, seed) -> val acc
-        **{("reference", f, s): 0.90 for f in range(3) for s in (1, 2)},
-        **{("v", 0, 1): 0.91, ("v", 0, 2): 0.91, ("v", 1, 1): 0.91, ("v", 1, 2): 0.93},
-        **{("v", 2, 1): 0.92, ("v", 2, 2): 0.94},
-    }
-    cells = {
-        f"{arm}/fold{f}_seed{s}": {"fold": f, "seed": s, "val_acc": a, "val_loss": 0.3}
-        for (arm, f, s), a in acc.items()
-    }
-    test = compare_to_reference(Collected(plan, [ref, var], cells), var, ref)
-    # fold means of the variant 0.91, 0.92, 0.93 against 0.90: K = 3 pairs, n_test/n_train = 1/2
-    expected = corrected_resampled_ttest([0.91, 0.92, 0.93], [0.90, 0.90, 0.90], 1 / 2)
-    assert test.test == "corrected resampled t"
-    assert test.n == 3
-    assert test.p_value == pytest.approx(expected.p_value)
-    assert test.p_value == pytest.approx(1 - math.sqrt(4.8 / 6.8))  # by hand, see test_stats.py
-
-
-# ---------------------------------------------------------------------------------------------
-# An ablation's statistics, checked against the cells they come from
+    assert len(read_table(out / "cells.csv")) == 6
+    points = [t for t in load(out).get_trials() if t.user_attrs.get("kind") == "point"]
+    assert all(len(t.intermediate_values) == 2 for t in points)  # each fold reported, for pruners and the dashboard
 
 
 @pytest.mark.slow
@@ -388,7 +414,7 @@ def test_ablation_table_tests_each_variant_against_the_reference(tmp_path, data_
         tmp_path,
         "seeds: 2\nablation:\n  reference: {}\n  variants:\n    lr_high: {model.optimizer.init_args.lr: 0.05}\n",
     )
-    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, jobs=1, refit=True)
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, options=StudyOptions(jobs=1), refit=True)
     cells = {(r["point"], r["seed"]): r["val_acc"] for r in read_table(out / "cells.csv")}
     reference, variant = read_table(out / "results.csv")
     assert (reference["point"], variant["point"]) == ("reference", "lr_high")
@@ -399,8 +425,8 @@ def test_ablation_table_tests_each_variant_against_the_reference(tmp_path, data_
     assert variant["p_holm"] == pytest.approx(expected.p_value, rel=1e-4)  # one variant: Holm changes nothing
     assert variant["delta_ci_low"] == pytest.approx(expected.ci_low, abs=1e-5)
     # The refits (first seed, the config's split) were tested: McNemar on their test predictions.
-    refit = {r.name: json.loads((r / "seed42" / "cell.json").read_text()) for r in (out / "refit").iterdir()}
-    predictions = {k: read_predictions(Path(v["report_dir"]) / "predictions.csv") for k, v in refit.items()}
+    refits = {r["point"]: r for rs in completed(load(out)).values() for r in rs if r["cell"].startswith("refit/")}
+    predictions = {k: read_predictions(Path(v["report_dir"]) / "predictions.csv") for k, v in refits.items()}
     b, c = discordant_counts(predictions["lr_high"].correct, predictions["reference"].correct)
     assert (variant["only_arm_right"], variant["only_reference_right"]) == (b, c)
     assert variant["mcnemar_p"] == pytest.approx(mcnemar_exact(b, c), rel=1e-4)
@@ -479,32 +505,30 @@ def test_postgres_two_commands_share_a_sweep_survive_a_kill_and_rerun_trains_not
     sweep = sweep_file(tmp_path, "seeds: 3\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
     logs = tmp_path / "logs"
     args = study_args(data_dir, logs)
+    plan = plan_sweep(args, sweep)
     # A short grace period: the second command redoes the killed one's cell once its heartbeats stop.
-    beats = ["--heartbeat_interval", "2", "--grace_period", "10"]
-    argv = ["sweep", "--sweep", str(sweep), "--jobs", "1", "--storage", postgres_url, *beats, *args]
+    argv = ["sweep", "--sweep", str(sweep), "--jobs", "1", "--storage", postgres_url, *BEATS, *args]
     first, second = launch(tmp_path, argv, "first.log"), launch(tmp_path, argv, "second.log")
 
     def done_by(proc: subprocess.Popen) -> int:
-        records = [json.loads(p.read_text()) for p in logs.rglob("cell.json")]
-        return sum(r["worker"].endswith(f":{proc.pid}") for r in records)
+        with contextlib.suppress(Exception):  # the study may not exist yet
+            records = [r for rs in completed(load(plan.study_dir, postgres_url)).values() for r in rs]
+            return sum(r["worker"].endswith(f":{proc.pid}") for r in records)
+        return 0
 
     wait_for(lambda: done_by(first) >= 1, 180, "a cell finished by the first command", [first, second])
     first.send_signal(signal.SIGKILL)  # the second command must finish the sweep alone
     first.wait()
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
 
-    plan = plan_sweep(args, sweep)
-    out = plan.study_dir
-    runs = finished_runs(out)
-    assert sorted(runs) == sorted(c.key for c in plan.cells())
-    assert all(len(r) == 1 for r in runs.values()), runs
+    cells = completed(load(plan.study_dir, postgres_url))
+    assert sorted(cells) == sorted(c.key for c in plan.cells())
+    assert all(len(r) == 1 for r in cells.values()), cells
     assert done_by(first) >= 1
     assert done_by(second) >= 1  # the work was shared
-    study = optuna.load_study(study_name=f"linear/{plan.folder}", storage=postgres_url)
-    complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.user_attrs["cell"] for t in complete) == sorted(runs)
-    assert not (out / "optuna.journal").exists()  # the database held the study
+    assert not (plan.study_dir / "optuna.journal").exists()  # the database held the study
 
-    before = trained_files(out)
-    run_sweep(args, sweep, jobs=1, storage=postgres_url)
-    assert trained_files(out) == before
+    before = checkpoints(plan.study_dir)
+    run_sweep(args, sweep, options=StudyOptions(jobs=1, storage=postgres_url))
+    assert checkpoints(plan.study_dir) == before
+    assert json.loads(json.dumps(read_table(plan.study_dir / "cells.csv")[0]["cell"]))
