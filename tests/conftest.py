@@ -79,7 +79,9 @@ def _fit_and_test(root: Path, args: list[str]) -> TrainedRun:
         mp.chdir(root)
         fitted = training.fit(args)
         tested = training.test(args, {"ckpt_path": "best"})
-    assert fitted.best_checkpoint and fitted.last_checkpoint and tested.report_dir
+    assert fitted.best_checkpoint
+    assert fitted.last_checkpoint
+    assert tested.report_dir
     return TrainedRun(args, fitted.run_dir, fitted.best_checkpoint, fitted.last_checkpoint, tested.report_dir)
 
 

@@ -54,7 +54,8 @@ def test_resume_last_continues_the_same_run_in_place(tmp_path, data_dir, monkeyp
     run_dir = first.run_dir
     resumed = run(["fit", *base, "--trainer.max_epochs=4", "--ckpt_path=last"])
     assert resumed.run_dir == run_dir
-    assert resumed.resumed and not first.resumed
+    assert resumed.resumed
+    assert not first.resumed
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     assert resumed.epochs == 4
     assert resumed.trainer.global_step == 4 * 3  # 3 batches an epoch: nothing redone, nothing skipped
