@@ -4,15 +4,15 @@ markdown tables the README shows, made from them alone.
 Four layouts, one row per training run (or measurement), each row naming its machine (CPU model from
 ``/proc/cpuinfo``, usable cores, torch version, device) and date:
 
-- ``zoo`` (written by ``zoo_results.py``): config, overrides, model, parameters, seed, test accuracy,
+- ``zoo`` (written by ``zoo.py``): config, overrides, model, parameters, seed, test accuracy,
   macro-F1, epochs, seconds per training epoch, fit and test seconds, run folder. Its table gives
   mean ± std over the seeds of every config, and the p-value of a paired t-test (matched by seed,
   ``fmnist_lightning.stats.paired_ttest``) of the best row against each other row, Holm-adjusted
   over those comparisons; ``--pair A B`` adds the difference of two rows with its interval.
 - ``time_to_accuracy`` (written by ``time_to_accuracy.py``): run (a config's name, or ``peer`` for
   study 001's own code), seed, test accuracy, the seconds the ratios use and what they time. Its
-  tables give accuracy and time mean ± std per run, and the ratios of issue 12's targets
-  (:data:`TARGETS`).
+  tables give accuracy and time mean ± std per run, and the ratios of the time-to-accuracy
+  targets (:data:`TARGETS`).
 - ``epoch_speed`` (written by ``epoch_speed.py --csv``): model, precision, path (compute bound,
   this package, the usual PIL pipeline), repeat, batches per epoch, images per second, epoch seconds,
   peak memory. Its table gives mean ± std over the repeats and the ratios to the bound and the usual
@@ -28,12 +28,12 @@ Usage:
     python benchmarks/results_tables.py docs/results/time_to_accuracy.csv
     python benchmarks/results_tables.py docs/results/zoo_a.csv docs/results/zoo_b.csv --pair a.yaml b.yaml  # one table
 
-Only the standard library (and ``fit_test``, which imports no more) is imported at the top
-(``fmnist_lightning.stats`` where a table needs it).
+The files are read and written by pandas and the tables made by ``fmnist_lightning.io.markdown_table``
+(pandas' ``to_markdown``); what is here is what no library knows: the layouts, and which numbers each
+table shows.
 """
 
 import argparse
-import csv
 import datetime
 import math
 import os
@@ -41,11 +41,16 @@ import platform
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import fit_test
+import pandas as pd
 
+from fmnist_lightning.io import atomic_write, markdown_table
+from fmnist_lightning.stats import holm, paired_ttest
+
+#: How the overrides that cut a run short begin (``zoo.py`` writes them), unlike ``--trainer.precision``.
+SHORTENING_PREFIXES = ("--trainer.limit_", "--trainer.max_epochs")
 MACHINE_COLUMNS: dict[str, type] = {"cpu": str, "cores": int, "torch": str, "device": str, "date": str}
 
 
@@ -56,30 +61,27 @@ class Layout:
     Attributes:
         name: The layout's name.
         columns: Column name -> ``str``, ``int`` or ``float``, in file order.
+        optional: Columns that files written before them lack, with the value those rows have.
     """
 
     name: str
     columns: Mapping[str, type]
+    optional: Mapping[str, object] = field(default_factory=dict)
 
     def append(self, path: str | Path, row: Mapping[str, object]) -> None:
-        """Append one row, writing the header first if the file is new.
+        """Append one row, writing the header first if the file is new (the file is replaced whole).
 
         Raises:
             ValueError: If the row lacks a column or has one too many, or the file has another header.
         """
-        path = Path(path)
         if set(row) != set(self.columns):
             missing, extra = sorted(set(self.columns) - set(row)), sorted(set(row) - set(self.columns))
             raise ValueError(f"a {self.name} row needs exactly its columns (missing {missing}, unexpected {extra})")
-        new = not path.is_file() or path.stat().st_size == 0
-        if not new:
-            self._check_header(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.columns)
-            writer.writerow(_format(row[c]) for c in self.columns)
+        path = Path(path)
+        old = self._frame(path) if path.is_file() and path.stat().st_size else pd.DataFrame(columns=list(self.columns))
+        frame = pd.concat([old, pd.DataFrame([row], columns=list(self.columns))], ignore_index=True)
+        with atomic_write(path, newline="") as f:
+            frame.to_csv(f, index=False, float_format="%.6g")
 
     def check_appendable(self, path: str | Path) -> None:
         """Refuse, before anything is measured, a path this layout cannot append to.
@@ -98,31 +100,26 @@ class Layout:
         path = Path(path)
         if not path.is_file():
             return []
-        self._check_header(path)
-        with path.open(newline="") as f:
-            return [{c: _parse(row[c], t) for c, t in self.columns.items()} for row in csv.DictReader(f)]
+        frame = self._frame(path)
+        return [{c: _parse(row[c], t) for c, t in self.columns.items()} for row in frame.to_dict("records")]
 
-    def _check_header(self, path: Path) -> None:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != list(self.columns):
+    def _frame(self, path: Path) -> pd.DataFrame:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        header = list(frame.columns)
+        if header not in (list(self.columns), [c for c in self.columns if c not in self.optional]):
             raise ValueError(
                 f"{path} is not a results file of the {self.name} layout (its header: {', '.join(header)})"
             )
-
-
-def _format(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+        for column, value in self.optional.items():
+            if column not in frame:
+                frame.insert(list(self.columns).index(column), column, str(value))
+        return frame
 
 
 def _parse(text: str, kind: type) -> object:
     if text == "":
         return math.nan if kind is float else (None if kind is int else "")
-    return kind(text)
+    return kind(float(text)) if kind is int else kind(text)
 
 
 ZOO = Layout(
@@ -157,8 +154,10 @@ TIME_TO_ACCURACY = Layout(
         "whole_seconds": float,  # every process of the run, start to exit
         "best_epoch": int,  # 1-based; by validation accuracy for the package, by test accuracy for the peer
         "epochs": int,
+        "timed": str,  # a recipe's process(es): "study" (one zoo.py process) or "fit, test" (two CLI processes)
         **MACHINE_COLUMNS,
     },
+    optional={"timed": "fit, test"},
 )
 EPOCH_SPEED = Layout(
     "epoch_speed",
@@ -200,12 +199,14 @@ PEER = "peer"
 
 def layout_of(path: str | Path) -> Layout:
     """The layout whose header the file has."""
-    with Path(path).open(newline="") as f:
-        header = next(csv.reader(f), [])
     for layout in LAYOUTS:
-        if header == list(layout.columns):
+        try:
+            layout.read(path)
             return layout
-    raise ValueError(f"{path} is not a results file of this project (its header: {', '.join(header)})")
+        except ValueError:
+            continue
+    header = ", ".join(pd.read_csv(path, nrows=0).columns)
+    raise ValueError(f"{path} is not a results file of this project (its header: {header})")
 
 
 def machine() -> dict[str, object]:
@@ -269,12 +270,9 @@ def machines_line(rows: Sequence[Mapping[str, object]]) -> str:
     return f"Machines (several: compare rows of one machine only): {'; '.join(seen)}; measured {when}."
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    columns = {str(i): title for i, title in enumerate(header)}
+    return markdown_table([dict(zip(columns, row, strict=True)) for row in rows], columns, align=align).splitlines()
 
 
 # --- the zoo --------------------------------------------------------------------------------------
@@ -293,7 +291,7 @@ def _by_seed(rows: Sequence[Mapping[str, object]], field: str = "test_accuracy")
 
 def shortened(overrides: str) -> bool:
     """Whether a run's overrides cut it short (fewer batches or epochs), unlike ``--trainer.precision``."""
-    return any(o.startswith(fit_test.SHORTENING_PREFIXES) for o in overrides.split())
+    return any(o.startswith(SHORTENING_PREFIXES) for o in overrides.split())
 
 
 def _config_label(config: str, overrides: str) -> str:
@@ -319,8 +317,6 @@ def paired_by_seed(a: Mapping[int, float], b: Mapping[int, float]):
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None
-    from fmnist_lightning.stats import paired_ttest
-
     return paired_ttest([a[s] for s in seeds], [b[s] for s in seeds])
 
 
@@ -337,8 +333,6 @@ def zoo_table(rows: Sequence[Mapping[str, object]], pairs: Sequence[tuple[str, s
     """
     if not rows:
         return "(no results)"
-    from fmnist_lightning.stats import holm
-
     groups = _group(rows, "config", "overrides")
     means = {k: statistics.mean(float(r["test_accuracy"]) for r in g) for k, g in groups.items()}
     full = [k for k in groups if not shortened(k[1])] or list(groups)  # a shortened row is never "the best"
@@ -406,7 +400,7 @@ def pairs_table(groups: Mapping[tuple, Sequence[Mapping[str, object]]], pairs: S
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue 12's targets: ``slow`` takes at least ``min_ratio`` times as long as ``fast``,
+    """A time-to-accuracy target: ``slow`` takes at least ``min_ratio`` times as long as ``fast``,
     and ``fast`` reaches ``min_accuracy`` on every seed (``every_seed``) or on average.
 
     Attributes:
@@ -437,6 +431,9 @@ def _what_is_timed(run: str, group: Sequence[Mapping[str, object]]) -> str:
             f"{number([float(r['whole_seconds']) for r in group])} s"
         )
     fit, test = ([float(r[k]) for r in group] for k in ("fit_seconds", "test_seconds"))
+    if {r["timed"] for r in group} == {"study"}:
+        times = f"fit {number(fit)}, test {number(test)} in it"
+        return f"a one-run study (fit, test, tables) in its own process, start to exit ({times})"
     return f"fit + test, start to exit (fit {number(fit)}, test {number(test)})"
 
 

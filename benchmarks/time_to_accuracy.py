@@ -1,6 +1,6 @@
 """Time to accuracy, side by side: this package's recipes against study 001's own training code.
 
-Issue 12's targets are ratios measured in one run on one machine (these 2-core CPUs differ by up to
+The targets are ratios measured in one run on one machine (these 2-core CPUs differ by up to
 2x from one machine to the next), one process at a time, nothing else running:
 
 - study 001's code ("the peer") to its best test accuracy, against ``configs/fast.yaml``'s fit +
@@ -10,9 +10,9 @@ Issue 12's targets are ratios measured in one run on one machine (these 2-core C
 
 For every seed, round-robin (so a drift of the machine's speed hits every run alike):
 
-- each recipe (a config): ``python -m fmnist_lightning fit --config CFG --seed_everything S``, then
-  ``test`` with the same config, seed and run name and ``--ckpt_path best``, each a subprocess
-  timed from start to exit; test accuracy from the test report's ``metrics.json``;
+- each recipe (a config): ``python benchmarks/zoo.py --configs CFG --seeds S``, a one-run study
+  (fit, then test of the best checkpoint, then the study's tables) in its own process, timed from
+  start to exit; test accuracy, and the fit and test seconds inside that process, from its row;
 - the peer (https://github.com/shinjitsue/fashion-mnist-cnn-pytorch, never committed here: give a
   checkout with ``--peer-dir``): its main recipe ``train(model_type="cnn", use_augmentation=True,
   use_dropout=True)`` (FashionCNN, Adam 1e-3, batch 64, 10 epochs, per-image PIL transforms through
@@ -46,13 +46,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import fit_test
-import results_tables
-from results_tables import PEER, TIME_TO_ACCURACY
-
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ("configs/fast.yaml", "configs/fast94.yaml", "configs/tinyvgg.yaml")
 PEER_URL = "https://github.com/shinjitsue/fashion-mnist-cnn-pytorch"
+PEER = "peer"  # results_tables.PEER: the peer's child process imports only the standard library and the peer's
 PEER_FILES = ("train.py", "model.py", "utils.py", "config.py")
 #: What the peer's code and its driver import (module -> pip package).
 PEER_IMPORTS = {
@@ -76,6 +73,17 @@ for name in sys.argv[1:]:
 """
 #: The line its train() prints at the end of every epoch (after evaluating on the test set and saving).
 EPOCH_LINE = re.compile(r"^Epoch (\d+): Train Loss: [-+0-9.naifNI]+, Val Acc: ([0-9.]+)%")
+
+
+def results_tables():  # imported on use: the peer's child process has only its own imports
+    """The ``results_tables`` module beside this script."""
+    import results_tables
+
+    return results_tables
+
+
+class RunFailed(RuntimeError):
+    """A subprocess of the benchmark exited with an error; the message ends with its output's tail."""
 
 
 # --- the peer, in its own process -----------------------------------------------------------------
@@ -207,7 +215,7 @@ def run_peer(args: argparse.Namespace, seed: int, source: str, raw: Path) -> dic
         if returncode or not epochs:
             tail = "".join(lines[-20:]) + (work / "stderr.txt").read_text()[-3000:]
             why = f"exit {returncode}" if returncode else "no 'Epoch N: Train Loss: ..., Val Acc: ...%' line"
-            raise fit_test.RunFailed(f"the peer (seed {seed}) failed ({why}): {' '.join(command)}\n{tail}")
+            raise RunFailed(f"the peer (seed {seed}) failed ({why}): {' '.join(command)}\n{tail}")
         best = max(epochs, key=lambda e: e[1])  # the first epoch at the peak, as its train() keeps it
         return {
             "run": PEER,
@@ -220,6 +228,7 @@ def run_peer(args: argparse.Namespace, seed: int, source: str, raw: Path) -> dic
             "whole_seconds": whole,
             "best_epoch": best[0],
             "epochs": len(epochs),
+            "timed": "",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -229,24 +238,36 @@ def run_peer(args: argparse.Namespace, seed: int, source: str, raw: Path) -> dic
 
 
 def run_recipe(args: argparse.Namespace, config: str, seed: int) -> dict:
-    """One seed of a config: fit + test in two processes; its row of the results."""
-    name = f"{Path(config).stem}_s{seed}"
-    overrides = fit_test.limit_overrides(args.limit_batches, args.max_epochs)
-    run = fit_test.fit_and_test(config, seed, name, args.log_dir, args.data_dir, overrides)
-    val = [r.get("val/acc", math.nan) for r in run.history]
+    """One seed of a config: a one-run study by ``zoo.py`` in its own process; its row of the results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "zoo.csv"
+        command = [sys.executable, str(Path(__file__).with_name("zoo.py")), "--configs", config, "--seeds", str(seed)]
+        command += ["--csv", str(csv), "--data-dir", str(args.data_dir), "--log-dir", str(args.log_dir)]
+        command += [a for flag in ("limit_batches", "max_epochs") if getattr(args, flag) for a in (
+            f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            tail = (done.stdout[-1500:] + "\n" + done.stderr[-3000:]).strip()
+            raise RunFailed(f"{config} (seed {seed}) failed (exit {done.returncode}): {' '.join(command)}\n{tail}")
+        [row] = results_tables().ZOO.read(csv)
+    from fmnist_lightning.runs import read_history  # the package's one reader of history.csv
+
+    val = [r.get("val/acc", math.nan) for r in read_history(row["run_dir"])]
     validated = [i for i, v in enumerate(val) if not math.isnan(v)]  # a recipe may validate only some epochs
-    best_epoch = 1 + max(validated, key=lambda i: (val[i], -i)) if validated else None
     return {
         "run": Path(config).stem,
         "source": config,
         "seed": seed,
-        "test_accuracy": float(run.metrics["accuracy"]),
-        "seconds": run.seconds,
-        "fit_seconds": run.fit_seconds,
-        "test_seconds": run.test_seconds,
-        "whole_seconds": run.seconds,
-        "best_epoch": best_epoch,
-        "epochs": len(run.history),
+        "test_accuracy": row["test_accuracy"],
+        "seconds": seconds,
+        "fit_seconds": row["fit_seconds"],
+        "test_seconds": row["test_seconds"],
+        "whole_seconds": seconds,
+        "best_epoch": 1 + max(validated, key=lambda i: (val[i], -i)) if validated else None,
+        "epochs": row["epochs"],
+        "timed": "study",
     }
 
 
@@ -266,7 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", default="data", help="The package's data folder (--data.data_dir).")
     parser.add_argument(
-        "--log-dir", default="lightning_logs/time_to_accuracy", help="Where the recipes' runs go (<config>_s<seed>)."
+        "--log-dir",
+        default="lightning_logs/time_to_accuracy",
+        help="Where the recipes' studies go (zoo.py's --log-dir).",
     )
     parser.add_argument("--limit-batches", type=int, default=None, help="Shortened runs: N batches per stage.")
     parser.add_argument("--max-epochs", type=int, default=None, help="Shortened runs: N epochs (peer included).")
@@ -311,25 +334,26 @@ def main(argv: list[str] | None = None) -> None:
     shortened = " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("limit_batches", "max_epochs") and v
     )
-    machine = results_tables.machine()
+    tables = results_tables()
+    machine = tables.machine()
     rows = []
     for seed in args.seeds:
         jobs = ([("peer", None)] if args.peer_dir is not None else []) + [("recipe", c) for c in args.recipes]
         for kind, config in jobs:
             try:
                 row = run_peer(args, seed, source, raw) if kind == "peer" else run_recipe(args, config, seed)
-            except fit_test.RunFailed as err:
+            except RunFailed as err:
                 sys.exit(f"time_to_accuracy.py: {err}")
             row = {**row, "overrides": shortened, **machine}
             rows.append(row)
             if args.csv is not None:
-                TIME_TO_ACCURACY.append(args.csv, row)
+                tables.TIME_TO_ACCURACY.append(args.csv, row)
             print(
                 f"{row['run']} seed {seed}: {100 * row['test_accuracy']:.2f}% in {row['seconds']:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
-    print(results_tables.time_to_accuracy_tables(rows))
+    print(tables.time_to_accuracy_tables(rows))
 
 
 if __name__ == "__main__":

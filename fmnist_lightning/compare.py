@@ -8,12 +8,13 @@ import csv
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from fmnist_lightning import stats
 from fmnist_lightning.errors import ConfigError
-from fmnist_lightning.io import unused_path
+from fmnist_lightning.io import atomic_path, atomic_write, markdown_table, unused_path, write_text
 from fmnist_lightning.predictions import read_predictions
 
 COLUMNS = (
@@ -101,31 +102,15 @@ def compare_runs(paths: list[Path], output: Path) -> Path:
     out = unused_path(output)
     out.mkdir(parents=True)
 
-    header = ["run", *(title for _, title in COLUMNS)]
-    rows = [[name, *(m.get(key) for key, _ in COLUMNS)] for name, m in zip(names, metrics, strict=True)]
-    with (out / "comparison.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-
+    rows = [{"run": name, **{key: m.get(key) for key, _ in COLUMNS}} for name, m in zip(names, metrics, strict=True)]
+    _write_csv(out / "comparison.csv", [{"run": r["run"], **{t: r[k] for k, t in COLUMNS}} for r in rows])
     tests = []
     for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
-        labels, pred_a, pred_b = predictions[i].labels, predictions[i].preds, predictions[j].preds
-        a_only = sum(pa == y != pb for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
-        b_only = sum(pb == y != pa for y, pa, pb in zip(labels, pred_a, pred_b, strict=True))
-        tests.append([a, b, a_only, b_only, mcnemar_exact(a_only, b_only)])
-    with (out / "mcnemar.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["run_a", "run_b", "a_right_b_wrong", "a_wrong_b_right", "p_value"], *tests])
-
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if v < 10 else f"{v:.1f}"
-        return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    lines += ["", "McNemar exact test on the shared test predictions (two-sided):", ""]
-    lines += ["| run A | run B | A right, B wrong | A wrong, B right | p-value |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {n_a} | {n_b} | {p:.3g} |" for a, b, n_a, n_b, p in tests]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+        a_only, b_only = stats.discordant_counts(predictions[i].correct, predictions[j].correct)
+        tests.append({"run_a": a, "run_b": b, "a_right_b_wrong": a_only, "a_wrong_b_right": b_only})
+        tests[-1]["p_value"] = mcnemar_exact(a_only, b_only)
+    _write_csv(out / "mcnemar.csv", tests)
+    write_text(out / "comparison.md", comparison_markdown(rows, tests))
 
     fig = Figure(figsize=(max(6, 1.6 * len(names)), 4.5), layout="constrained")
     ax = fig.subplots()
@@ -137,5 +122,29 @@ def compare_runs(paths: list[Path], output: Path) -> Path:
     ax.set_xticks(list(x), [f"{n}\n{m['model']}" for n, m in zip(names, metrics, strict=True)], fontsize=7)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(out / "comparison.png", dpi=110)
+    with atomic_path(out / "comparison.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return out
+
+
+def comparison_markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
+    """``comparison.md``: the table of runs (``run`` and :data:`COLUMNS`' keys), then the McNemar tests."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 10 else f"{v:.1f}"
+        return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
+
+    columns = {"run": "run", **dict(COLUMNS)}
+    table = markdown_table(rows, columns, {key: fmt for key in columns})
+    pairs = {"run_a": "run A", "run_b": "run B", "a_right_b_wrong": "A right, B wrong"}
+    pairs |= {"a_wrong_b_right": "A wrong, B right", "p_value": "p-value"}
+    mcnemar = markdown_table(tests, pairs, {"p_value": lambda p: f"{p:.3g}"})
+    return f"{table}\n\nMcNemar exact test on the shared test predictions (two-sided):\n\n{mcnemar}\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

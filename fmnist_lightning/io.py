@@ -89,13 +89,15 @@ def markdown_table(
     rows: Sequence[Mapping[str, Any]],
     columns: Mapping[str, str] | None = None,
     formats: Mapping[str, Callable[[Any], str]] | None = None,
+    align: str | None = None,
 ) -> str:
-    """A GitHub markdown table of ``rows`` (pandas ``DataFrame.to_markdown``).
+    """A GitHub markdown table of ``rows`` (pandas ``DataFrame.to_markdown``, which is tabulate's).
 
     Args:
         rows: One mapping per row.
         columns: Key -> header, in order (default: every key of the rows, as is).
         formats: Key -> function giving a cell's text (default: ``str``, an empty cell for None).
+        align: One letter per column, ``l`` or ``r`` (default: every column left).
     """
     import pandas as pd  # tables only: keep the import off the training path
 
@@ -110,4 +112,5 @@ def markdown_table(
     frame = pd.DataFrame(
         [[text(key, row.get(key)) for key in columns] for row in rows], columns=list(columns.values()), dtype=object
     )
-    return frame.to_markdown(index=False, disable_numparse=True)
+    colalign = [{"l": "left", "r": "right"}[a] for a in align] if align else ["left"] * len(columns)
+    return frame.to_markdown(index=False, disable_numparse=True, colalign=colalign)

@@ -5,18 +5,36 @@ them oneDNN emulates bf16 and training gets much slower (TinyVGG-sized networks 
 AVX2-only CPU, see the README's Performance section), so the CLI falls back to ``32-true`` there.
 """
 
+from functools import cache
+from pathlib import Path
+
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+#: CPU flags (``/proc/cpuinfo``) of bf16 arithmetic that oneDNN runs natively: x86's AVX512-BF16 and
+#: AMX-BF16, Arm's BF16. An AVX-512 CPU without them emulates bf16, though oneDNN's own check
+#: (``torch.ops.mkldnn._is_mkldnn_bf16_supported``, private too) answers yes there.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags, from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, Arm
+            return frozenset(value.split())
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions oneDNN uses (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # builds without oneDNN
-        return False
+    """Whether this CPU has bf16 instructions oneDNN uses (AVX512-BF16, AMX-BF16 or Arm BF16)."""
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 def runs_on_cpu(accelerator: str | None) -> bool:

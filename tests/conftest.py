@@ -98,3 +98,10 @@ def linear_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trai
     """The linear baseline fitted for 3 batches, tested on the same 4 batches as :func:`tinyvgg_run`."""
     root = tmp_path_factory.mktemp("linear_run")
     return _fit_and_test(root, [*LINEAR, *fast_fit_args(data_dir, root / "logs", "--trainer.limit_test_batches=4")])
+
+
+def compact(line: str) -> str:
+    """A markdown table row without its padding: ``| a | b |`` however wide the columns were drawn."""
+    if not line.startswith("|"):
+        return line
+    return "| " + " | ".join(cell.strip() for cell in line.strip().strip("|").split("|")) + " |"

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import compact
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "epoch_speed.py"
 
@@ -25,11 +27,12 @@ def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_
     assert {(r["repeat"], r["limit_batches"], r["workers"]) for r in rows} == {(1, 2, 0)}
     for r in rows:
         assert min(r["train_img_s"], r["epoch_s"], r["peak_rss_mb"]) > 0
-    printed = [line for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
+    printed = [compact(line) for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
     assert len(printed) == 3
     assert printed[0].split("|")[3].strip() == "bound (2 batches)"  # a shortened epoch says so
     assert printed[0].split("|")[7].strip() == "1.00x"  # the bound against itself
-    assert [line for line in results_tables.render(out).splitlines() if line.startswith("| LightweightCNN")] == printed
+    rendered = results_tables.render(out).splitlines()
+    assert [compact(line) for line in rendered if line.startswith("| LightweightCNN")] == printed
 
 
 def test_epoch_speed_refuses_another_results_file_before_measuring(tmp_path):
@@ -75,11 +78,12 @@ def test_sweep_throughput_measures_both_settings_into_a_results_file(tmp_path, d
         assert (r["folds"], r["epochs"], r["limit_batches"], r["trainings"]) == (2, 1, 1, 2)
         assert r["train_images"] == 2 * 128  # one batch (the data module's default 128) per training
         assert r["images_per_s"] == pytest.approx(r["train_images"] / r["wall_s"], rel=1e-4)
-    printed = [line for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
+    printed = [compact(line) for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
     assert [line.split("|")[2].strip() for line in printed] == ["2 folds x 1 epoch (1 batches)"] * 2
     assert printed[0].split("|")[9].strip() == "1.00x"  # --jobs 1 against itself
     assert printed[1].split("|")[10].strip() in ("0 of 1", "1 of 1")
-    assert [line for line in results_tables.render(out).splitlines() if line.startswith("| LightweightCNN")] == printed
+    rendered = results_tables.render(out).splitlines()
+    assert [compact(line) for line in rendered if line.startswith("| LightweightCNN")] == printed
 
 
 def test_sweep_throughput_refuses_a_folder_or_another_results_file_before_measuring(tmp_path):

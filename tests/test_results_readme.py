@@ -31,7 +31,7 @@ def test_readme_tables_are_made_from_the_results_files(argv, monkeypatch, capsys
 
 def test_readme_compare_example_is_the_committed_output():
     written = (ROOT / "docs" / "results" / "compare_seed1" / "comparison.md").read_text().splitlines()
-    rows = [line for line in written if line.startswith("| ")]
+    rows = [line for line in written if line.startswith("|")]
     readme = (ROOT / "README.md").read_text().splitlines()
     assert len(rows) == 2 + 3 + 2 + 3  # two tables: three runs, then their three pairs
     assert [row for row in rows if row not in readme] == []

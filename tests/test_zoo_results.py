@@ -1,4 +1,4 @@
-"""benchmarks/zoo_results.py at tiny size, resuming, and the zoo table made from its CSV."""
+"""benchmarks/zoo.py at tiny size (a study of configs x seeds), resuming, and the zoo table made from its CSV."""
 
 import importlib
 import subprocess
@@ -9,8 +9,10 @@ import pytest
 
 from fmnist_lightning.stats import holm, paired_ttest
 
+from .conftest import compact
+
 ROOT = Path(__file__).parent.parent
-SCRIPT = ROOT / "benchmarks" / "zoo_results.py"
+SCRIPT = ROOT / "benchmarks" / "zoo.py"
 
 
 def run(script: Path, *args: str) -> subprocess.CompletedProcess:
@@ -47,10 +49,11 @@ def zoo_row(config: str, seed: int, accuracy: float, overrides: str = "", **extr
 
 
 @pytest.mark.slow
-def test_one_config_one_seed(tmp_path, data_dir, tables):
+def test_one_config_one_seed_then_nothing_more(tmp_path, data_dir, tables):
     csv, logs = tmp_path / "zoo.csv", tmp_path / "logs"
     args = ["--configs", "configs/linear.yaml", "--seeds", "1", "--limit-batches", "2", "--max-epochs", "1"]
-    done = run(SCRIPT, *args, "--csv", str(csv), "--log-dir", str(logs), "--data-dir", str(data_dir))
+    args += ["--csv", str(csv), "--log-dir", str(logs), "--data-dir", str(data_dir)]
+    done = run(SCRIPT, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = tables.ZOO.read(csv)
     limits = "--trainer.limit_train_batches=2 --trainer.limit_val_batches=2 --trainer.limit_test_batches=2"
@@ -60,27 +63,28 @@ def test_one_config_one_seed(tmp_path, data_dir, tables):
     assert 0 <= row["test_accuracy"] <= 1
     assert 0 <= row["macro_f1"] <= 1
     assert min(row["seconds_per_epoch"], row["fit_seconds"], row["test_seconds"]) > 0
-    assert Path(row["run_dir"]) == logs / "linear_s1" / "version_0"
-    assert (Path(row["run_dir"]) / "report" / "predictions.csv").is_file()
+    run_dir = Path(row["run_dir"])
+    assert run_dir.parent.parent.parent == logs / "zoo"  # <log-dir>/zoo/zoo-<hash>/linear/seed1
+    assert run_dir.relative_to(run_dir.parent.parent).as_posix() == "linear/seed1"
+    assert (run_dir / "report" / "predictions.csv").is_file()
     assert row["cores"] >= 1
     assert row["cpu"]
     assert row["torch"]
     assert row["date"]
-    table = next(ln for ln in done.stdout.splitlines() if ln.startswith("| `LinearClassifier` | 7,850 | `linear.yaml`"))
-    assert "(shortened: `--trainer.limit_train_batches=2" in table
+    # The study's own table (printed), and the zoo table made from the results file.
+    study = next(compact(ln) for ln in done.stdout.splitlines() if ln.startswith("| linear"))
+    assert study.startswith("| linear | LinearClassifier | 7,850 | 1 |")
+    assert f"| **{row['test_accuracy']:.4f}** |" in study
+    table = next(compact(ln) for ln in tables.render(csv).splitlines() if "`linear.yaml`" in ln)
+    assert table.startswith("| `LinearClassifier` | 7,850 | `linear.yaml` (shortened: `--trainer.limit_train_batches=2")
     assert table.endswith("| best |")
     assert f"| **{100 * row['test_accuracy']:.2f}%** |" in table
-
-
-def test_resumes_what_is_not_in_the_csv_yet(tmp_path, tables):
-    csv = tmp_path / "zoo.csv"
-    tables.ZOO.append(csv, zoo_row("linear.yaml", 1, 0.84))
-    done = run(SCRIPT, "--configs", "./configs/linear.yaml", "--seeds", "1", "--csv", str(csv))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "skip configs/linear.yaml seed 1" in done.stderr
-    assert "run " not in done.stderr
+    # A finished zoo trains nothing, and the results file gets no second row of the same run.
+    checkpoints = {p: p.stat().st_mtime_ns for p in logs.rglob("*.ckpt")}
+    again = run(SCRIPT, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in logs.rglob("*.ckpt")} == checkpoints
     assert len(tables.ZOO.read(csv)) == 1
-    assert "| `linear.yaml` | 1 | **84.00%** |" in done.stdout
 
 
 def test_refuses_a_results_file_of_another_layout(tmp_path):
@@ -104,7 +108,7 @@ def test_zoo_table_mean_std_paired_tests_and_pairs(tmp_path, tables, capsys):
             tables.ZOO.append(csv, zoo_row(config, seed, accuracy))
     tables.ZOO.append(csv, zoo_row("tinyvgg_wide_study002.yaml", 1, 0.8781, "--trainer.max_epochs=3", epochs=3))
     tables.main([str(csv), "--pair", "fashioncnn.yaml", "fashioncnn_study001"])  # in-process: no start-up cost
-    lines = capsys.readouterr().out.splitlines()
+    lines = [compact(ln) for ln in capsys.readouterr().out.splitlines()]
     rows = {ln.split(" | ")[2]: ln for ln in lines if ln.startswith("| `TinyVGG`")}
     assert "| 3 | **94.42 ± 0.11%** | 0.9440 ± 0.0011 | 20 | 52.0 ± 1.0 | best |" in rows["`tinyvgg.yaml`"]
     best = accuracies["tinyvgg.yaml"]
@@ -145,7 +149,7 @@ def test_a_precision_override_is_a_full_length_row_that_pairs_by_name(tmp_path, 
         tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", seed, half, bf16))
     tables.ZOO.append(csv, zoo_row("tinyvgg.yaml", 1, 0.99, "--trainer.max_epochs=1"))  # shortened: never best
     tables.main([str(csv), "--pair", f"tinyvgg.yaml {bf16}", "tinyvgg.yaml"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = [compact(ln) for ln in capsys.readouterr().out.splitlines()]
     assert any(
         ln.startswith(f"| `TinyVGG` | 298,410 | `tinyvgg.yaml` (`{bf16}`) | 3 | 94.27 ± 0.12% |") for ln in lines
     )
@@ -163,7 +167,7 @@ def test_several_zoo_files_make_one_table_and_a_run_in_two_files_is_refused(tmp_
         tables.ZOO.append(a, zoo_row("airbench_wide.yaml", seed, wide, model="AirbenchNet"))
         tables.ZOO.append(b, zoo_row("tinyvgg.yaml", seed, vgg))
     tables.main([str(a), str(b), "--pair", "airbench_wide.yaml", "tinyvgg.yaml"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = [compact(ln) for ln in capsys.readouterr().out.splitlines()]
     best = "| `AirbenchNet` | 298,410 | `airbench_wide.yaml` | 3 | **94.88 ± 0.08%** |"
     assert any(ln.startswith(best) for ln in lines)
     diff = paired_ttest([0.9490, 0.9480, 0.9495], [0.9440, 0.9444, 0.9428])

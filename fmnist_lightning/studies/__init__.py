@@ -16,7 +16,7 @@ from pathlib import Path
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.studies.engine import CellError, StudyIncomplete, StudyOptions, run_study
 from fmnist_lightning.studies.results import read_table, write_results
-from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, plan_kfold, plan_sweep
+from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, plan_configs, plan_kfold, plan_sweep
 from fmnist_lightning.studies.storage import journal_path
 from fmnist_lightning.training import Config
 
@@ -27,6 +27,7 @@ __all__ = [
     "StudyIncomplete",
     "StudyOptions",
     "StudyPlan",
+    "plan_configs",
     "plan_kfold",
     "plan_sweep",
     "read_table",

@@ -371,7 +371,7 @@ def train_cell(plan: StudyPlan, cell: Cell, quiet: bool, study: optuna.Study | N
     Raises:
         CellError: If the training gives no validation score.
     """
-    if cell.refit and plan.num_folds is None and not plan.scoring and study is not None:
+    if cell.refit and plan.num_folds is None and not plan.scoring and study is not None and not plan.test:
         reused = _test_scoring_run(plan, cell, study)
         if reused is not None:
             return reused
@@ -384,7 +384,7 @@ def train_cell(plan: StudyPlan, cell: Cell, quiet: bool, study: optuna.Study | N
         shutil.rmtree(run_dir)
     if quiet:  # several workers share the terminal
         overrides |= {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
-    result = training.fit(plan.base, overrides)
+    result = training.fit(cell.point.base or plan.base, overrides)
     best, last_row = result.best_epoch, result.last_epoch
     if result.best_score is None or best is None or last_row is None:
         raise CellError(f"{cell.key}: no val/acc was logged, so the cell has no score (is validation disabled?)")
@@ -406,14 +406,16 @@ def train_cell(plan: StudyPlan, cell: Cell, quiet: bool, study: optuna.Study | N
         "run_dir": str(result.run_dir),
         "best_checkpoint": str(result.best_checkpoint),
     }
+    epoch_seconds = [r["time/train_epoch_s"] for r in result.history if r.get("time/train_epoch_s", 0) > 0]
+    record["seconds_per_epoch"] = statistics.median(epoch_seconds) if epoch_seconds else None
     config = result.config
     del result
     gc.collect()
-    if cell.refit:
+    if cell.refit or plan.test:
         record |= _test(config, record["best_checkpoint"])
     say(
         f"{cell.key}: val/acc {record['val_acc']:.4f}, val/loss {record['val_loss']:.4f}"
-        + (f", test/acc {record['test_acc']:.4f}" if cell.refit else "")
+        + (f", test/acc {record['test_acc']:.4f}" if "test_acc" in record else "")
         + f" ({record['fit_seconds']:.0f} s, {record['worker']})"
     )
     return record
@@ -438,13 +440,18 @@ def _test_scoring_run(plan: StudyPlan, cell: Cell, study: optuna.Study) -> dict[
 
 def _test(config: dict[str, Any], checkpoint: str) -> dict[str, Any]:
     """Test a checkpoint into its run folder: accuracy, and per-image correctness for McNemar between refits."""
+    start = time.perf_counter()
     result = training.test(config, {"ckpt_path": checkpoint, "trainer.enable_progress_bar": False})
+    seconds = time.perf_counter() - start
     if result.report_dir is None:
         raise CellError(f"`test` of {checkpoint} wrote no report (is test_report.enabled false?)")
     predictions = read_predictions(result.report_dir / "predictions.csv")
     return {
         "test_acc": float(result.metrics["accuracy"]),
         "test_f1": float(result.metrics["macro_f1"]),
+        "test_seconds": round(seconds, 2),
+        "model": result.metrics["model"],
+        "parameters": result.metrics["parameters"],
         "report_dir": str(result.report_dir),
         # Kept in the storage, so machines that did not train the refit can still compare it.
         "test_correct": "".join("1" if c else "0" for c in predictions.correct),

@@ -63,6 +63,7 @@ CELL_COLUMNS = (
     "worker",
     "run_dir",
 )
+TEST_COLUMNS = ("test_acc", "test_f1", "test_seconds", "seconds_per_epoch", "model", "parameters", "report_dir")
 
 
 @dataclass
@@ -150,16 +151,18 @@ def point_row(collected: Collected, point: Point, params: bool = True) -> dict[s
     return row
 
 
-def compare_to_reference(collected: Collected, point: Point, reference: Point) -> PairedComparison | None:
-    """Validation accuracy of ``point`` minus the reference's, over matched folds and seeds.
+def compare_to_reference(
+    collected: Collected, point: Point, reference: Point, metric: str = "val_acc"
+) -> PairedComparison | None:
+    """``metric`` (validation accuracy) of ``point`` minus the reference's, over matched folds and seeds.
 
     Without folds: a paired t-test over seeds. With K folds: the seeds of each fold are averaged
     (the folds stay the same for every seed, so seeds of one fold are not independent samples of
     the data) and the K fold differences get Nadeau and Bengio's corrected resampled t-test with
     ``n_test/n_train = 1/(K-1)``. None with fewer than two pairs.
     """
-    mine = {(r["fold"], r["seed"]): r["val_acc"] for r in collected.records(point)}
-    ref = {(r["fold"], r["seed"]): r["val_acc"] for r in collected.records(reference)}
+    mine = {(r["fold"], r["seed"]): r[metric] for r in collected.records(point)}
+    ref = {(r["fold"], r["seed"]): r[metric] for r in collected.records(reference)}
     matched = sorted(set(mine) & set(ref), key=lambda k: (k[0] if k[0] is not None else -1, k[1]))
     folds = collected.plan.num_folds
     if folds is None:
@@ -207,8 +210,43 @@ def ablation_rows(collected: Collected) -> list[dict[str, Any]]:
     return rows
 
 
+def zoo_rows(collected: Collected) -> list[dict[str, Any]]:
+    """One row per configuration: test accuracy and the rest (mean ± std over seeds), paired t-test against the best.
+
+    The best configuration is the one with the highest mean test accuracy; ``p_value`` is a paired
+    t-test of its test accuracies against the row's, matched by seed, ``p_holm`` Holm-adjusted across
+    the rows (a model zoo compares finished models; the validation accuracy stays beside it).
+    """
+    rows = []
+    for point in collected.points:
+        records = collected.records(point)
+        row = point_row(collected, point, params=False) | {"model": records[0]["model"] if records else ""}
+        row["parameters"] = records[0]["parameters"] if records else math.nan
+        for metric in ("test_acc", "test_f1", "epochs", "seconds_per_epoch", "fit_seconds", "test_seconds"):
+            values = [float(r[metric]) for r in records if r.get(metric) is not None]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        rows.append(row)
+    complete = [r for r in rows if r["n"]]
+    best = max(complete, key=lambda r: r["test_acc_mean"], default=None)
+    by_name = {p.name: p for p in collected.points}
+    for row in rows:
+        test = (
+            None
+            if best is None or row is best
+            else compare_to_reference(collected, by_name[row["point"]], by_name[best["point"]], "test_acc")
+        )
+        row["best"], row["p_value"] = row is best, test.p_value if test else math.nan
+    others = [r for r in rows if not math.isnan(r["p_value"])]
+    for row, p in zip(others, holm([r["p_value"] for r in others]), strict=True):
+        row["p_holm"] = p
+    return rows
+
+
 def sweep_rows(collected: Collected) -> list[dict[str, Any]]:
     """One row per point (grid order; a search sorted by accuracy), ``best`` marking the best point."""
+    if collected.plan.kind == "configs":
+        return zoo_rows(collected)
     if collected.plan.kind == "ablation":
         rows = ablation_rows(collected)
     else:
@@ -244,7 +282,12 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
     collected = collect(study, plan)
     out = plan.study_dir
     cells = [{**collected.cells[c.key], **c.point.params} for c in collected.expected if c.key in collected.cells]
-    _write_csv(out / "cells.csv", cells, [*CELL_COLUMNS, *plan.keys] if plan.kind != "ablation" else CELL_COLUMNS)
+    columns = [
+        *CELL_COLUMNS,
+        *(TEST_COLUMNS if plan.test else ()),
+        *(plan.keys if plan.kind in ("grid", "search") else ()),
+    ]
+    _write_csv(out / "cells.csv", cells, columns)
     if plan.kind == "kfold":
         columns = ["fold", "seed", "val_loss", "val_acc", "best_epoch", "epochs", "run_dir"]
         _write_csv(out / "results.csv", cells, columns)
@@ -255,6 +298,7 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
         body = _sweep_markdown(collected, rows)
         _write_hparams(out, collected, rows)
     what = {"kfold": "k-fold cross-validation", "grid": "grid sweep", "search": "search", "ablation": "ablation"}
+    what["configs"] = "model zoo (every training tested)"
     split = "the config's validation split" if plan.num_folds is None else f"{plan.num_folds}-fold cross-validation"
     scoring = f" with {', '.join(f'{k}={format_value(v)}' for k, v in plan.scoring.items())}" if plan.scoring else ""
     seeds = f"training seed{'s' if len(plan.seeds) > 1 else ''} {', '.join(map(str, plan.seeds))}"
@@ -351,6 +395,8 @@ def _sweep_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
     plan = collected.plan
     if plan.kind == "ablation":
         return _ablation_markdown(collected, rows)
+    if plan.kind == "configs":
+        return _zoo_markdown(rows)
     names = short_names(plan.keys)
     table = []
     for row in rows:
@@ -435,3 +481,29 @@ def _ablation_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
         ]
         lines.append(markdown_table(body))
     return "\n".join(lines)
+
+
+def _zoo_markdown(rows: list[dict[str, Any]]) -> str:
+    def both(row: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 4) -> str:
+        return mean_std(scale * row[f"{metric}_mean"], scale * row[f"{metric}_std"], digits)
+
+    table = [
+        {
+            "config": row["point"],
+            "model": row["model"],
+            "parameters": f"{int(row['parameters']):,}" if row["n"] else "",
+            "n": row["n"],
+            "val acc": mean_std(row["val_acc_mean"], row["val_acc_std"]),
+            "test acc": f"**{both(row, 'test_acc')}**" if row["best"] else both(row, "test_acc"),
+            "test macro-F1": both(row, "test_f1"),
+            "epochs": both(row, "epochs", digits=0),
+            "s / epoch": both(row, "seconds_per_epoch", digits=1),
+            "p vs best (Holm)": "best" if row["best"] else f"{_p(row['p_value'])} ({_p(row.get('p_holm'))})",
+        }
+        for row in rows
+    ]
+    note = (
+        "test acc: test accuracy of each training's best checkpoint (by val/acc); p: two-sided paired t-test of the "
+        "best configuration's test accuracies against the row's, matched by seed; Holm-adjusted across the rows."
+    )
+    return "\n".join([markdown_table(table), "", note])

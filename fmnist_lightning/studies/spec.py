@@ -86,10 +86,12 @@ class Point:
     Attributes:
         name: Folder-safe name, unique within the study (empty for k-fold's single point).
         params: Dotted key -> value, as the parser read it: what the point overrides, what tables show.
+        base: A whole configuration of its own, instead of the plan's (a zoo's points are configs).
     """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class StudyPlan:
     """Everything a study will train, validated; plain data, so worker processes can receive it.
 
     Attributes:
-        kind: ``kfold``, ``grid``, ``search`` or ``ablation``.
+        kind: ``kfold``, ``grid``, ``search``, ``ablation`` or ``configs`` (a zoo of whole configurations).
         name: Base name of the study folder (the sweep file's stem, or ``kfold5``).
         base: The base run configuration, resolved (what a run's ``config.yaml`` holds).
         save_dir: The logger's ``save_dir``.
@@ -136,6 +138,7 @@ class StudyPlan:
         reference: An ablation's reference arm name.
         scoring: Overrides of the scoring trainings only (not the refit), dotted key -> value.
         sweep_text: The sweep file's text, kept in the study for the record.
+        test: Test every cell's best checkpoint too (a zoo's cells), not only the refits.
     """
 
     kind: str
@@ -153,20 +156,14 @@ class StudyPlan:
     reference: str | None = None
     scoring: dict[str, Any] = field(default_factory=dict)
     sweep_text: str = ""
+    test: bool = False
 
     @property
     def identity(self) -> dict[str, Any]:
         """What the study folder's hash covers: the base config without machine keys, and the plan."""
-        config = copy.deepcopy(self.base)
-        for key in MACHINE_KEYS:
-            *parents, last = key.split(".")
-            node = config
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.pop(last, None)
-        points = [[p.name, p.params] for p in self.points]
-        plan = [self.kind, points, self.space, self.n_trials, self.sampler, self.scoring]
+        points = [[p.name, p.params, without_machine_keys(p.base)] for p in self.points]
+        plan = [self.kind, points, self.space, self.n_trials, self.sampler, self.scoring, self.test]
+        config = without_machine_keys(self.base)
         return {"config": config, "num_folds": self.num_folds, "seeds": self.seeds, "plan": plan}
 
     @property
@@ -193,11 +190,11 @@ class StudyPlan:
         return [Cell(p, f, s) for s in self.seeds for p in points for f in self.folds()]
 
     def distributions(self) -> dict[str, BaseDistribution]:
-        """Optuna distributions of a point's parameters (categorical for grid and ablation)."""
+        """Optuna distributions of a point's parameters (categorical but for a search)."""
         if self.kind == "search":
             return {key: _distribution(spec) for key, spec in self.space.items()}
-        if self.kind == "ablation":
-            return {"arm": CategoricalDistribution([p.name for p in self.points])}
+        if self.kind in ("ablation", "configs"):
+            return {self.keys[0]: CategoricalDistribution([p.name for p in self.points])}
         return {
             key: CategoricalDistribution(list(dict.fromkeys(optuna_value(p.params[key]) for p in self.points)))
             for key in self.keys
@@ -205,8 +202,8 @@ class StudyPlan:
 
     def optuna_params(self, point: Point) -> dict[str, Any]:
         """A point's parameters as Optuna stores them (see :meth:`distributions`)."""
-        if self.kind == "ablation":
-            return {"arm": point.name}
+        if self.kind in ("ablation", "configs"):
+            return {self.keys[0]: point.name}
         return {key: optuna_value(point.params[key]) for key in self.keys}
 
     def search_point(self, number: int, params: Mapping[str, Any]) -> Point:
@@ -238,6 +235,19 @@ class StudyPlan:
             "trainer.logger.init_args.name": run_dir.parent.relative_to(self.save_dir).as_posix(),
             "trainer.logger.init_args.version": run_dir.name,
         }
+
+
+def without_machine_keys(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of a configuration without :data:`MACHINE_KEYS` (what names a study)."""
+    config = copy.deepcopy(config)
+    for key in MACHINE_KEYS if config else ():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +290,38 @@ def plan_kfold(config: Config, num_folds: int | None, seeds: int | Sequence[int]
         raise ConfigError("kfold needs --num_folds K (K >= 2).")
     plan = _base_plan("kfold", f"kfold{_check_folds(num_folds)}", checker, num_folds, seeds)
     plan.points = [Point("")]
+    return plan
+
+
+def plan_configs(
+    configs: Sequence[Config], seeds: int | Sequence[int] = 1, overrides: Mapping[str, Any] | None = None
+) -> StudyPlan:
+    """A model zoo: whole configurations as the points, each trained with every seed and tested.
+
+    The study folder is ``<save_dir>/zoo/zoo-<hash>`` (the first config's ``save_dir``), a point per
+    config named after its run name (the config file's), compared on test accuracy in its tables.
+
+    Args:
+        configs: The configurations, each a command line (``["--config", "configs/fast.yaml"]``) or a
+            whole configuration.
+        seeds: Number of seeds counted up from the first config's ``seed_everything``, or the seeds.
+        overrides: Dotted keys set in every configuration (``{"trainer.precision": "bf16-mixed"}``).
+
+    Raises:
+        ConfigError: If a configuration or an override is refused, or the seeds are impossible.
+    """
+    if not configs:
+        raise ConfigError("a zoo needs at least one configuration.")
+    checkers = [_Checker(config) for config in configs]
+    plan = _base_plan("configs", "zoo", checkers[0], None, seeds)
+    names: list[str] = []
+    for i, checker in enumerate(checkers):
+        cfg = checker.parse(dict(overrides or {}), f"configuration {i + 1}")
+        base = yaml.safe_load(checker.run.parser.dump(cfg, skip_none=False))
+        name = _slug({"": base["trainer"]["logger"]["init_args"].get("name") or f"config{i + 1}"}).lstrip("=")
+        names.append(name if name not in names else f"{name}_{names.count(name) + 1}")
+        plan.points.append(Point(names[-1], {}, base))
+    plan.logger_name, plan.keys, plan.test = "zoo", ["config"], True
     return plan
 
 
