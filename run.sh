@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian/Ubuntu machine with Python 3.10+, then do one job:
 #   bash run.sh train   fit TinyVGG (configs/tinyvgg.yaml), then test its best checkpoint
-#   bash run.sh test    run the test suite
+#   bash run.sh test    run the quick test suite (what .ci/run runs first; `-m slow` are the rest)
 #   bash run.sh setup   only install (dataset, virtual environment, package)
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (the torch/torchvision
 # requirement installed first; default the CPU/GPU wheels this project is tested with).
@@ -56,6 +56,6 @@ case "$job" in
     "$PY" -m fmnist_lightning test --config configs/tinyvgg.yaml --ckpt_path best
     ;;
   test)
-    "$PY" -m pytest -q
+    "$PY" -m pytest -q -m "not slow"
     ;;
 esac

@@ -90,7 +90,7 @@ def run_once(model: str, jobs: int, args: argparse.Namespace, out: Path) -> dict
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--jobs", type=int, default=cores(), help="the parallel setting, against --jobs 1")
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--data-dir", default=None, help="the package's data folder (default: the configs')")
     parser.add_argument("--csv", type=Path, default=None, help="append every measurement to this results file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.jobs < 2 or args.folds < 2 or args.epochs < 1:
         parser.error("--repeats must be >= 1, --jobs >= 2, --folds >= 2 and --epochs >= 1")
     if args.limit_batches is not None and args.limit_batches < 1:

@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,22 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "epoch_speed.py"
 
 
+def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, script: str, *args: str) -> str:
+    """Run a benchmark's ``main`` in this process with bad arguments: its one-line refusal (exit status 2)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).main(list(args))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "speed.csv"
     args = ["--models", "LightweightCNN", "--precisions", "32-true", "--limit-batches", "2"]
@@ -35,30 +48,26 @@ def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_
     assert [compact(line) for line in rendered if line.startswith("| LightweightCNN")] == printed
 
 
-def test_epoch_speed_refuses_another_results_file_before_measuring(tmp_path):
+def test_epoch_speed_refuses_another_results_file_before_measuring(tmp_path, monkeypatch, capsys):
     zoo = tmp_path / "zoo.csv"
     zoo.write_text("config,overrides,model\nlinear.yaml,,LinearClassifier\n")
-    done = run_script("--models", "LightweightCNN", "--csv", str(zoo))
-    assert done.returncode == 2
-    assert "is not a results file of the epoch_speed layout" in done.stderr
-    assert "Traceback" not in done.stderr
+    message = refused(monkeypatch, capsys, "epoch_speed", "--models", "LightweightCNN", "--csv", str(zoo))
+    assert "is not a results file of the epoch_speed layout" in message
     assert zoo.read_text() == "config,overrides,model\nlinear.yaml,,LinearClassifier\n"
 
 
-def test_epoch_speed_refuses_an_unknown_model_or_a_folder_for_its_file_in_one_line(tmp_path):
+def test_epoch_speed_refuses_an_unknown_model_or_a_folder_for_its_file_in_one_line(tmp_path, monkeypatch, capsys):
     for args, message in [
         (["--models", "Nope"], "unknown model 'Nope'; choose one of"),
         (["--csv", str(tmp_path)], "is a folder; name a file in it"),
     ]:
-        done = run_script("--limit-batches", "1", *args)
-        assert done.returncode == 2
-        assert message in done.stderr.splitlines()[-1]
-        assert "Traceback" not in done.stderr
+        assert message in refused(monkeypatch, capsys, "epoch_speed", "--limit-batches", "1", *args)
 
 
 SWEEP = BENCHMARKS / "sweep_throughput.py"
 
 
+@pytest.mark.slow
 def test_sweep_throughput_measures_both_settings_into_a_results_file(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "sweep.csv"
     args = ["--models", "LightweightCNN", "--jobs", "2", "--folds", "2", "--limit-batches", "1"]
@@ -86,13 +95,9 @@ def test_sweep_throughput_measures_both_settings_into_a_results_file(tmp_path, d
     assert [compact(line) for line in rendered if line.startswith("| LightweightCNN")] == printed
 
 
-def test_sweep_throughput_refuses_a_folder_or_another_results_file_before_measuring(tmp_path):
+def test_sweep_throughput_refuses_a_folder_or_another_results_file_before_measuring(tmp_path, monkeypatch, capsys):
     zoo = tmp_path / "zoo.csv"
     zoo.write_text("config,overrides,model\nlinear.yaml,,LinearClassifier\n")
     for target, message in [(zoo, "is not a results file of the sweep_throughput layout"), (tmp_path, "is a folder")]:
-        command = [sys.executable, str(SWEEP), "--jobs", "2", "--csv", str(target)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        assert done.returncode == 2
-        assert message in done.stderr.splitlines()[-1]
-        assert "Traceback" not in done.stderr
+        assert message in refused(monkeypatch, capsys, "sweep_throughput", "--jobs", "2", "--csv", str(target))
     assert zoo.read_text() == "config,overrides,model\nlinear.yaml,,LinearClassifier\n"

@@ -188,8 +188,8 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(ws, data_dir, capsys, m
     ("args", "words"),
     [
         (["fit", *LINEAR, "--model.optimizer.init_args.lr=-1"], "learning rate"),
-        (["test", *TINYVGG, "--ckpt_path=missing.ckpt"], "does not exist"),
-        (["fit", *LINEAR, "--data.nope=1"], "nope"),
+        pytest.param(["test", *TINYVGG, "--ckpt_path=missing.ckpt"], "does not exist", marks=pytest.mark.slow),
+        pytest.param(["fit", *LINEAR, "--data.nope=1"], "nope", marks=pytest.mark.slow),
     ],
     ids=["negative lr", "missing checkpoint", "unknown key"],
 )

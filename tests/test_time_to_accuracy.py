@@ -144,7 +144,7 @@ def _row(run: str, seed: int, accuracy: float, seconds: float, **extra) -> dict:
     return {**row, **extra}
 
 
-def test_ratios_and_their_accuracy_conditions(tmp_path, tables):
+def test_ratios_and_their_accuracy_conditions(tmp_path, tables, capsys):
     csv = tmp_path / "tta.csv"
     peer = {"source": "shinjitsue/fashion-mnist-cnn-pytorch@f1b767c", "fit_seconds": math.nan, "test_seconds": math.nan}
     for seed, (peer_s, fast_s, fast_acc) in enumerate([(2000, 300, 0.931), (2100, 330, 0.929), (1900, 320, 0.935)], 1):
@@ -154,9 +154,8 @@ def test_ratios_and_their_accuracy_conditions(tmp_path, tables):
         tables.TIME_TO_ACCURACY.append(csv, _row("fast", seed, fast_acc, fast_s))
         tables.TIME_TO_ACCURACY.append(csv, _row("fast94", seed, 0.938 + 0.002 * seed, 400))
         tables.TIME_TO_ACCURACY.append(csv, _row("tinyvgg", seed, 0.944, 1300))
-    done = run(TABLES, str(csv))
-    assert done.returncode == 0, done.stderr
-    lines = [compact(ln) for ln in done.stdout.splitlines()]
+    tables.main([str(csv)])
+    lines = [compact(ln) for ln in capsys.readouterr().out.splitlines()]
     peer_line = next(ln for ln in lines if ln.startswith("| study 001's code (peer) | 3 |"))
     assert "| 92.00 ± 0.00% | 92.00, 92.00, 92.00 | 2000 ± 100 |" in peer_line
     assert "epoch 9, 9, 9 of 10" in peer_line

@@ -87,12 +87,16 @@ def test_one_config_one_seed_then_nothing_more(tmp_path, data_dir, tables):
     assert len(tables.ZOO.read(csv)) == 1
 
 
-def test_refuses_a_results_file_of_another_layout(tmp_path):
+def test_refuses_a_results_file_of_another_layout(tmp_path, monkeypatch, capsys):
     csv = tmp_path / "other.csv"
     csv.write_text("run,seed\nfast,1\n")
-    done = run(SCRIPT, "--configs", "configs/linear.yaml", "--csv", str(csv))
-    assert done.returncode == 2
-    assert "is not a results file of the zoo layout" in done.stderr
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module("zoo").main(["--configs", "configs/linear.yaml", "--csv", str(csv)])
+    assert exit_.value.code == 2
+    assert "is not a results file of the zoo layout" in capsys.readouterr().err
+    assert csv.read_text() == "run,seed\nfast,1\n"
 
 
 def test_zoo_table_mean_std_paired_tests_and_pairs(tmp_path, tables, capsys):
