@@ -223,7 +223,8 @@ class RunCLI(LightningCLI):
         is_object = isinstance(args, Mapping | Namespace)
         config = parser.parse_object(args) if is_object else parser.parse_args(list(args))
         if self.overrides:
-            config = parser.parse_object(nested(self.overrides), namespace=config)
+            # The base positionally: it is `cfg_base` in jsonargparse 4.40, `namespace` in later releases.
+            config = parser.parse_object(nested(self.overrides), config)
         self.config = config
         self._settle_run(config)
 

@@ -105,8 +105,10 @@ def test_every_config_parses_and_builds(tmp_path, data_dir, config):
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_trains(tmp_path, data_dir, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
-    small_batches = ["--data.batch_size=16", "--data.eval_batch_size=32"]
-    result = training.fit(["--config", str(config), *fast_fit_args(data_dir, tmp_path, *small_batches)])
+    small = ["--data.batch_size=16", "--data.eval_batch_size=32", "--trainer.limit_train_batches=1"]
+    result = training.fit(
+        ["--config", str(config), *fast_fit_args(data_dir, tmp_path, *small, "--trainer.limit_val_batches=1")]
+    )
     assert 0 <= result.best_score <= 1
 
 

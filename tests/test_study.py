@@ -420,7 +420,7 @@ def test_ablation_table_tests_each_variant_against_the_reference(tmp_path, data_
     assert (reference["point"], variant["point"]) == ("reference", "lr_high")
     ref, var = [cells["reference", s] for s in (42, 43)], [cells["lr_high", s] for s in (42, 43)]
     expected = paired_ttest(var, ref)
-    assert variant["delta_acc"] == pytest.approx(statistics.fmean(var) - statistics.fmean(ref), abs=1e-5)
+    assert variant["delta"] == pytest.approx(statistics.fmean(var) - statistics.fmean(ref), abs=1e-5)
     assert variant["p_value"] == pytest.approx(expected.p_value, rel=1e-4)
     assert variant["p_holm"] == pytest.approx(expected.p_value, rel=1e-4)  # one variant: Holm changes nothing
     assert variant["delta_ci_low"] == pytest.approx(expected.ci_low, abs=1e-5)

@@ -267,7 +267,7 @@ class _Checker:
     def parse(self, overrides: Mapping[str, Any], what: str) -> Namespace:
         """The config with ``overrides`` merged, as the parser read it; a refusal is a ConfigError about ``what``."""
         try:
-            return self.run.parser.parse_object(nested(overrides), namespace=self.run.config)
+            return self.run.parser.parse_object(nested(overrides), self.run.config)
         except ArgumentError as err:
             raise ConfigError(f"{what}: {' '.join(str(err).split())}") from None
 

@@ -1,18 +1,15 @@
 """Where a study lives: Optuna's journal file (the default) or any database Optuna accepts, with heartbeats.
 
-- Default: Optuna's journal file in the study folder (``optuna.journal``): embedded, nothing to
-  start, safe for several processes (SQLite locks up under parallel writers, optuna issues 4002
-  and 1457). A path given as ``storage`` puts the journal there instead (e.g. on a disk that
-  several machines share).
-- Any database URL Optuna accepts (``postgresql://user@host/db``, ``mysql://...``) gives an
-  ``RDBStorage``, which many machines can share.
+The default is a journal file in the study folder (``optuna.journal``): embedded, nothing to start,
+safe for several processes (SQLite locks up under parallel writers, optuna issues 4002 and 1457); a
+path as ``storage`` puts it elsewhere (a disk several machines share). A database URL
+(``postgresql://user@host/db``) gives an ``RDBStorage`` that many machines share.
 
-A worker killed with ``kill -9`` leaves its trial RUNNING. Optuna's heartbeats find it: every
-running trial beats from a thread of ``study.optimize``, and a trial whose last beat is older than
-the grace period is failed by the next ``optimize`` (``fail_stale_trials``) and queued again by
-``RetryHeartbeatStaleTrialCallback`` with its parameters and user attributes. ``RDBStorage`` has
-heartbeats; Optuna's ``JournalStorage`` does not (optuna issue 6615), which
-:class:`HeartbeatJournalStorage` fills.
+A worker killed with ``kill -9`` leaves its trial RUNNING. Optuna's heartbeats find it: every running
+trial beats from a thread of ``study.optimize``, and a trial whose last beat is older than the grace
+period is failed by the next ``optimize`` and queued again by ``RetryHeartbeatStaleTrialCallback``
+with its parameters and user attributes. ``RDBStorage`` has heartbeats; ``JournalStorage`` does not
+(optuna issue 6615), which :class:`HeartbeatJournalStorage` fills.
 """
 
 import os
@@ -49,15 +46,9 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """Optuna's journal storage with the heartbeats it lacks.
 
-    The last beat of a trial is its system attribute ``fmnist:heartbeat`` (seconds since the epoch,
-    the worker's clock: machines sharing a journal must agree on the time within the grace period).
-    A RUNNING trial is stale when neither its start nor its last beat is within ``grace_period``.
-
-    Args:
-        backend: The journal backend (a file).
-        heartbeat_interval: Seconds between beats.
-        grace_period: Seconds without a beat after which a RUNNING trial is stale.
-        heartbeat_stale_trial_callback: Called with each trial failed as stale (Optuna's retry).
+    A trial's last beat is its system attribute ``fmnist:heartbeat`` (seconds since the epoch, the
+    worker's clock: machines sharing a journal must agree on the time within the grace period). A
+    RUNNING trial is stale when neither its start nor its last beat is within ``grace_period`` seconds.
     """
 
     def __init__(
@@ -77,8 +68,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's hook (private by name, abstract in ``BaseHeartbeat``): the RUNNING trials gone quiet."""
-        now = time.time()
-        stale = []
+        now, stale = time.time(), []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
             if now - max(started, float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0))) > self.grace_period:
@@ -102,7 +92,7 @@ def journal_path(storage: str | None, study_dir: Path) -> Path | None:
 
 
 def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, grace_period: int) -> BaseStorage:
-    """Open (creating if needed) the storage of a study, with heartbeats and the retry callback.
+    """Open (creating if needed) a study's storage, with heartbeats and the retry callback.
 
     Args:
         storage: None for ``<study_dir>/optuna.journal``, a journal file path, or a database URL.
@@ -122,13 +112,12 @@ def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, 
         except OSError as err:
             raise ConfigError(f"cannot write the study journal {path} ({err.strerror or err}).") from err
         return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, retry_callback())
-    assert storage is not None
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 return RDBStorage(
-                    storage,
+                    str(storage),
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=retry_callback(),
@@ -139,7 +128,7 @@ def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, 
             if attempt < 4 and "duplicate key" in str(err).lower():
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(f"cannot open the study storage {storage}: {type(err).__name__}: {first}") from err
     raise AssertionError("unreachable")
 
