@@ -56,6 +56,6 @@ case "$job" in
     "$PY" -m fmnist_lightning test --config configs/tinyvgg.yaml --ckpt_path best
     ;;
   test)
-    "$PY" -m pytest -q -m "not slow"
+    "$PY" -m pytest -q -m "not slow" -n auto  # one test process per core (pytest-xdist)
     ;;
 esac

@@ -249,6 +249,24 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_queued_again_by_optimize(tm
     assert storage.journal_path(None, tmp_path).is_absolute()
 
 
+@pytest.mark.parametrize("kind", ["journal", "database"])
+def test_a_trial_taken_but_never_started_is_queued_again(tmp_path, kind):
+    # A worker killed between optimize() taking a trial and the objective starting leaves it RUNNING
+    # with no heartbeat at all; on a database Optuna never sees it stale, and every command would wait.
+    url = None if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage.open_storage(url, tmp_path, 1, 2), study_name="s", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"cell": "a/seed1"})
+    assert study.ask().number == 0  # taken (RUNNING), never started
+    engine._fail_unstarted(study, grace_period=2)
+    assert study.get_trials()[0].state == TrialState.RUNNING  # just taken: its objective may be starting now
+    time.sleep(2.5)
+    engine._fail_unstarted(study, grace_period=2)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.get_trials()[1].user_attrs["cell"] == "a/seed1"
+    engine._fail_unstarted(study, grace_period=2)  # and only once
+    assert len(study.get_trials()) == 2
+
+
 def test_cv_comparison_averages_seeds_within_folds_then_corrects_for_overlap():
     plan = StudyPlan("ablation", "a", {}, "logs", "x", num_folds=3, seeds=[1, 2], reference="reference")
     ref, var = Point("reference"), Point("v")

@@ -35,6 +35,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -159,6 +160,7 @@ def run_study(plan: StudyPlan, options: StudyOptions, refit: bool = False) -> op
     refits_queued = not refit
     while True:
         _fail_stale(study)
+        _fail_unstarted(study, options.grace_period)
         if _has_work(study, plan):
             _run_workers(plan, options)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -169,6 +171,21 @@ def run_study(plan: StudyPlan, options: StudyOptions, refit: bool = False) -> op
             _enqueue(study, plan, _refit_cells(study, plan))
         else:
             return study
+
+
+def _fail_unstarted(study: optuna.Study, grace_period: float) -> None:
+    """Fail and queue again a trial taken over a grace period ago whose objective never began.
+
+    Its worker died between ``optimize`` taking it and the objective starting (which signs it with
+    ``started`` first thing): on a database it has no heartbeat row, so Optuna never sees it stale,
+    and every later command would wait for it.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("started") == t.number or t.datetime_start is None:
+            continue
+        if (datetime.now() - t.datetime_start).total_seconds() > grace_period:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            study.enqueue_trial(t.params, user_attrs={**t.user_attrs, "retry_of": t.number})
 
 
 def _superseded(study: optuna.Study, failed: FrozenTrial) -> bool:
@@ -286,6 +303,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         """Train what the trial stands for; its value is the validation accuracy."""
+        trial.set_user_attr("started", trial.number)  # signed: see _fail_unstarted
         attrs, plan = trial.user_attrs, self.plan
         trials = trial.study.get_trials(deepcopy=False)
         if attrs.get("kind") is None and (plan.kind != "search" or self._surplus(trial, trials)):
