@@ -35,3 +35,23 @@ def test_readme_compare_example_is_the_committed_output():
     readme = (ROOT / "README.md").read_text().splitlines()
     assert len(rows) == 2 + 3 + 2 + 3  # two tables: three runs, then their three pairs
     assert [row for row in rows if row not in readme] == []
+
+
+def test_compare_example_is_what_the_table_writer_makes_of_its_csv_files():
+    import csv
+
+    from fmnist_lightning.compare import COLUMNS, comparison_markdown
+
+    folder = ROOT / "docs" / "results" / "compare_seed1"
+    kinds = {"parameters": int, "model": str}
+    with (folder / "comparison.csv").open() as f:
+        rows = [
+            {"run": r["run"], **{k: kinds.get(k, float)(r[title]) for k, title in COLUMNS}} for r in csv.DictReader(f)
+        ]
+    with (folder / "mcnemar.csv").open() as f:
+        tests = [
+            {**t, "a_right_b_wrong": int(t["a_right_b_wrong"]), "a_wrong_b_right": int(t["a_wrong_b_right"])}
+            | {"p_value": float(t["p_value"])}
+            for t in csv.DictReader(f)
+        ]
+    assert (folder / "comparison.md").read_text() == comparison_markdown(rows, tests)
