@@ -241,6 +241,9 @@ def _refit_cells(study: optuna.Study, plan: StudyPlan) -> list[Cell]:
 def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
     """Work the queue in this process (one job) or in ``jobs`` worker processes until it is empty."""
     jobs = options.jobs or default_jobs()
+    if plan.kind != "search":  # a worker without a queued cell would only start and stop
+        waiting = open_study(plan, options).get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        jobs = max(1, min(jobs, len(waiting)))
     if jobs == 1:
         optimize(open_study(plan, options), plan, quiet=False)
         return
