@@ -26,6 +26,7 @@ from fmnist_lightning import compare, config, studies, training
 from fmnist_lightning.config import DEBUG_ENV, PROG, ConfigParser, RunCLI, first_line
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.export import export_checkpoint
+from fmnist_lightning.signals import Interrupted, stop_on_signals
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,8 @@ def run(args: Sequence[str] | None = None) -> Any:
     Raises:
         SystemExit: For bad input: one line on stderr and exit status 1 (2 for the parser's own
             errors, such as an unknown key); with ``--debug`` or ``FMNIST_LIGHTNING_DEBUG=1`` the
-            error is raised instead.
+            error is raised instead. For SIGTERM or SIGINT: one line saying what was kept and how
+            to continue, and exit status 143 or 130 (``128 + signal``, as shells report it).
     """
     argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
     position = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
@@ -248,9 +250,15 @@ def run(args: Sequence[str] | None = None) -> Any:
     # TensorBoard writes from a thread: on a full disk it fails there too, after the main error is said.
     threading.excepthook = lambda a: None if isinstance(a.exc_value, OSError) and not debug else default_hook(a)
     try:
-        return SUBCOMMANDS[name].run(rest, f"{PROG} {name}")
+        with stop_on_signals():
+            return SUBCOMMANDS[name].run(rest, f"{PROG} {name}")
     except SystemExit:
         raise
+    except Interrupted as err:  # SIGTERM (a scheduler's preemption) or Ctrl-C: say what was kept
+        if debug:
+            raise
+        print(f"fmnist_lightning: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_status) from None
     except KeyboardInterrupt:
         sys.exit("fmnist_lightning: interrupted")
     except Exception as err:

@@ -11,6 +11,7 @@ Configuration keys: ``model`` (:class:`ClassificationTask`), ``data`` (:class:`F
 ``ckpt_path``. ``--print_config`` shows the whole of it.
 """
 
+import copy
 import json
 import os
 import sys
@@ -221,7 +222,9 @@ class RunCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` (a command line or an object), merge the overrides, then settle the run."""
         is_object = isinstance(args, Mapping | Namespace)
-        config = parser.parse_object(args) if is_object else parser.parse_args(list(args))
+        # A copy: jsonargparse turns a dict's nested class dicts (callbacks...) into namespaces in place,
+        # which would change a study's plan (its folder's hash) after its first training.
+        config = parser.parse_object(copy.deepcopy(args)) if is_object else parser.parse_args(list(args))
         if self.overrides:
             # The base positionally: it is `cfg_base` in jsonargparse 4.40, `namespace` in later releases.
             config = parser.parse_object(nested(self.overrides), config)

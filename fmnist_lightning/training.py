@@ -14,6 +14,7 @@ checkpoint to resume from.
 import logging
 import math
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,12 +25,14 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning.callbacks import PredictionCSVWriter
-from fmnist_lightning.config import RunCLI, first_line
+from fmnist_lightning.config import PROG, RunCLI, first_line
 from fmnist_lightning.errors import CheckpointError, ConfigError
 from fmnist_lightning.report import TestReport
 from fmnist_lightning.runs import check_writable, read_history, remove_new, snapshot, trainer_run_dir
+from fmnist_lightning.signals import Interrupted
 from fmnist_lightning.task import ClassificationTask, needs_total_steps
 
 __all__ = ["EvaluationResult", "RunResult", "fit", "predict", "test", "validate"]
@@ -112,8 +115,11 @@ class _NoAdverts(logging.Filter):
 def quiet_lightning() -> None:
     """Silence what is not the user's business: Lightning's advert and a deprecation inside Lightning.
 
-    Idempotent: a study that trains a hundred runs in one process adds the filter once.
+    Lightning's "Received SIGTERM" line goes too: the package says in one line what a signal stopped
+    and what was kept (:mod:`fmnist_lightning.signals`). Idempotent: a study that trains a hundred
+    runs in one process adds the filter once.
     """
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoAdverts) for f in logger.filters):
@@ -235,11 +241,30 @@ def _run(run: RunCLI, job: Any) -> None:
     created = _parents_to_create(run_dir) if run_dir else []
     before = snapshot(run_dir) if run_dir else set()
     try:
-        job()
-    except BaseException:
+        try:
+            job()
+        except SIGTERMException:  # Lightning's own stop (no handler of ours installed): a SystemExit with code 0
+            raise Interrupted(signal.SIGTERM) from None
+    except BaseException as err:
         if run_dir is not None and run.trainer.is_global_zero:
             _clean_up_failed_run(run_dir, created, before)
+            if isinstance(err, Interrupted) and not err.kept:
+                err.kept = _what_was_kept(run, run_dir)
         raise
+
+
+def _what_was_kept(run: RunCLI, run_dir: Path) -> str:
+    """What an interrupted job leaves, and how to go on from it (one sentence)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if run.stage != "fit":
+        return "nothing was written; run the same command again."
+    if not last.is_file():
+        return "no epoch had completed, so nothing was kept; run the same command again."
+    epochs = len(read_history(run_dir))
+    return (
+        f"the run {run_dir} keeps its last completed epoch ({epochs} trained); continue it with "
+        f"`{PROG} fit --config {run_dir / 'config.yaml'} --ckpt_path {last}`."
+    )
 
 
 def _check_optimizer(task: LightningModule) -> None:

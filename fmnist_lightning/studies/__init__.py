@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.signals import Interrupted
 from fmnist_lightning.studies.engine import CellError, StudyIncomplete, StudyOptions, run_study
 from fmnist_lightning.studies.results import read_table, write_results
 from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, plan_configs, plan_kfold, plan_sweep
@@ -106,7 +107,14 @@ def run_plan(plan: StudyPlan, options: StudyOptions | None = None, refit: bool =
         raise ConfigError(f"jobs must be at least 1, got {options.jobs}.")
     if options.heartbeat_interval < 1 or options.grace_period <= options.heartbeat_interval:
         raise ConfigError("heartbeat_interval must be >= 1 s and grace_period longer than it.")
-    study = run_study(plan, options, refit)
+    try:
+        study = run_study(plan, options, refit)
+    except Interrupted as stop:
+        stop.kept = (
+            f"the finished trainings are kept in {plan.study_dir} and the running ones were queued again; run the "
+            "same command to continue."
+        )
+        raise
     journal = journal_path(options.storage, plan.study_dir)
     collected = write_results(study, plan, str(journal) if journal else _masked(options.storage or ""), options.command)
     failed = collected.missing or list(collected.errors)

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fmnist_lightning import training
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.predictions import read_predictions
+from fmnist_lightning.signals import Interrupted, stop_on_signals
 from fmnist_lightning.studies.results import CELL_ATTR_PREFIX, collect
 from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, make_sampler
 from fmnist_lightning.studies.storage import open_storage
@@ -255,11 +256,18 @@ def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
     try:
         for proc in procs:
             proc.join()
-    except KeyboardInterrupt:  # the workers got the Ctrl-C too: they queue their cells again and end
+    except (KeyboardInterrupt, Interrupted):
+        # Pass the stop on (a Ctrl-C reached them already; a SIGTERM to this process did not): each
+        # worker queues its cell again and ends; one that does not end in time is killed, and its
+        # trial is failed as stale and queued again by the next run of the study.
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
         for proc in procs:
             proc.join(timeout=30)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()
+                proc.join()
         raise
 
 
@@ -277,7 +285,10 @@ def _worker(plan: StudyPlan, options: StudyOptions, index: int, threads: int, pa
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        optimize(open_study(plan, options, worker=index), plan, quiet=True)
+        with stop_on_signals():
+            optimize(open_study(plan, options, worker=index), plan, quiet=True)
+    except Interrupted as err:
+        sys.exit(err.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -322,8 +333,10 @@ class Objective:
             if "cell" in attrs:
                 return self._cell(trial)
             return self._point(trial)
-        except KeyboardInterrupt:  # queue it again for whoever runs the study next, then stop
+        except (KeyboardInterrupt, Interrupted) as stop:  # queue it again for whoever runs the study next, then stop
             trial.study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "retry_of": trial.number})
+            if isinstance(stop, Interrupted):  # Optuna's loop lets a BaseException through without telling
+                trial.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             raise
         except (Exception, SystemExit) as err:
             error = str(err.code if isinstance(err, SystemExit) else err) or type(err).__name__
