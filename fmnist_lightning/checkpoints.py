@@ -1,7 +1,10 @@
 """Checkpoints you can trust: written atomically, ``last.ckpt`` every epoch, read back with clear errors."""
 
 import os
+import pickle
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,10 @@ def _why(err: BaseException, target: Path) -> str:
 
 def _kept(target: Path) -> str:
     kept = f"; {target} still holds the previous checkpoint" if target.is_file() else ""
-    return f"{kept}. Free some space or fix the folder, then resume with `fit --ckpt_path last` (same config)."
+    if (target.parent / "last.ckpt").is_file():
+        return f"{kept}. Free some space or fix the folder, then resume with `fit --ckpt_path last` (same config)."
+    # No last.ckpt to resume from (the first epoch's failed): advice that works, not a refused resume.
+    return f"{kept}. Free some space or fix the folder, then run the same command again."
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -76,7 +82,13 @@ class RunCheckpoint(ModelCheckpoint):
         self.save_last_every_epoch = save_last
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save a top-k checkpoint as Lightning does, then ``last.ckpt`` whatever happened."""
+        """Save a top-k checkpoint as Lightning does, then ``last.ckpt`` whatever happened.
+
+        Nothing of an epoch whose loss went non-finite (the task's ``check_finite_loss`` raises).
+        """
+        check_finite_loss = getattr(pl_module, "check_finite_loss", None)
+        if check_finite_loss is not None:
+            check_finite_loss()
         super().on_train_epoch_end(trainer, pl_module)
         if not self.save_last_every_epoch or trainer.sanity_checking or trainer.fast_dev_run or self.dirpath is None:
             return
@@ -114,11 +126,58 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: permission denied ({err.strerror}).") from err
+    except pickle.UnpicklingError as err:  # torch's refusal of pickled classes, or a broken pickle
+        classes = _pickled_classes(path)
+        if classes:
+            raise CheckpointError(_pickled_objects_message(path, classes, how)) from err
+        raise CheckpointError(_corrupt_message(path, err, how)) from err
     except Exception as err:  # zip, pickle and torch errors for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); {how}."
-        ) from err
+        raise CheckpointError(_corrupt_message(path, err, how)) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (no state_dict); {how}.")
     return ckpt
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal escape codes (torch's messages embolden words with them)."""
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+def _corrupt_message(path: Path, err: BaseException, how: str) -> str:
+    first = (_plain(str(err)).strip().splitlines() or [""])[0]
+    return f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: {first}); {how}."
+
+
+def _pickled_classes(path: Path) -> list[str]:
+    """The classes a PyTorch file pickles beyond tensors and containers (read, never run), [] if none or unreadable."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # torch < 2.5 lacks the function; a broken archive has nothing to list
+        return []
+
+
+def _pickled_objects_message(path: Path, classes: list[str], how: str) -> str:
+    """What a file of pickled objects holds, in one line: a whole ``nn.Module`` says so.
+
+    A class counts as a module when it is already imported and an ``nn.Module``: nothing named by an
+    untrusted file is imported to find out.
+    """
+
+    def is_module(name: str) -> bool:
+        module, _, attr = name.rpartition(".")
+        cls = getattr(sys.modules.get(module), attr, None)
+        return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+    modules = [name for name in classes if is_module(name)]
+    if modules:
+        # The user's own class (perhaps defined in their script, so not importable here) says more
+        # than torch's layers inside it.
+        model = next((name for name in classes if not name.startswith("torch.")), modules[0])
+        return (
+            f"checkpoint {path} holds a pickled whole model (a {model.rsplit('.', 1)[-1]}, saved with "
+            f"torch.save(model, path)), not a Lightning checkpoint written by `fit`; {how}."
+        )
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    return (
+        f"checkpoint {path} holds pickled Python objects ({shown}), not a Lightning checkpoint written by `fit`; {how}."
+    )

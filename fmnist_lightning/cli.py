@@ -45,6 +45,8 @@ def _fit(argv: list[str], prog: str) -> training.RunResult:
     if not result.trainer.is_global_zero or result.run_dir is None:
         return result
     lines = [f"Run folder: {result.run_dir}"]
+    if result.resumed:
+        lines.append(f"Resumed from: {result.config.get('ckpt_path')}")
     if result.best_checkpoint is not None:
         lines.append(f"Best checkpoint: {result.best_checkpoint} (val/acc {result.best_score:.4f})")
     if result.last_checkpoint is not None:
@@ -63,6 +65,7 @@ def _validate(argv: list[str], prog: str) -> training.EvaluationResult:
     result = training.validate(argv, prog=prog)
     metrics = result.metrics
     if result.trainer.is_global_zero and "val/acc" in metrics:
+        print(f"Checkpoint: {result.checkpoint}")
         print(f"Validation accuracy {metrics['val/acc']:.4f}, loss {metrics['val/loss']:.4f}")
     return result
 
@@ -71,6 +74,7 @@ def _test(argv: list[str], prog: str) -> training.EvaluationResult:
     result = training.test(argv, prog=prog)
     if result.trainer.is_global_zero and result.metrics.get("accuracy") is not None:
         m = result.metrics
+        print(f"Checkpoint: {result.checkpoint}")
         line = f"Test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
         if result.report_dir is not None:
             line += f" on {m['num_test_images']:,} images\nReport: {result.report_dir}"
@@ -149,7 +153,9 @@ def _study(argv: list[str], prog: str, kind: str) -> Path:
         command=" ".join([PROG, kind, *argv]),
     )
     if kind == "kfold":
-        out = studies.run_kfold(base, options["num_folds"], options["seeds"] or 1, session)
+        out = studies.run_kfold(
+            base, options["num_folds"], 1 if options["seeds"] is None else options["seeds"], session
+        )
     else:
         out = studies.run_sweep(
             base, options["sweep"], options["num_folds"], options["seeds"], session, options["refit"]
@@ -269,8 +275,8 @@ def run(args: Sequence[str] | None = None) -> Any:
         if isinstance(err, OSError) and err.strerror:  # a full disk, a folder that went read-only...
             where = f" ({err.filename})" if err.filename else ""
             sys.exit(
-                f"fmnist_lightning: error: {err.strerror}{where}. Free some space or fix the folder, then run again "
-                "(an interrupted fit resumes with --ckpt_path last)."
+                f"fmnist_lightning: error: {err.strerror}{where}. Free some space or fix the folder, then run the same "
+                "command again."
             )
         sys.exit(
             f"fmnist_lightning: error: {type(err).__name__}: {first_line(err)} "

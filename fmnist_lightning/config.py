@@ -13,15 +13,18 @@ Configuration keys: ``model`` (:class:`ClassificationTask`), ``data`` (:class:`F
 
 import copy
 import json
+import logging
+import math
 import os
+import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -59,6 +62,8 @@ CKPT_HELP = (
 
 #: Set by the command line's ``--debug`` for the command it runs.
 DEBUG = False
+#: The seeds numpy (and so ``seed_everything``) accepts: 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def debugging() -> bool:
@@ -136,7 +141,14 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class ConfigParser(LightningArgumentParser):
-    """jsonargparse's parser, with its errors on one line instead of the whole usage (100+ lines)."""
+    """jsonargparse's parser, with its errors on one line instead of the whole usage (100+ lines).
+
+    Attributes:
+        given: What is being parsed (a command line, or a configuration object), set by
+            :class:`RunCLI` so that an error can name the option at fault (see :func:`explain`).
+    """
+
+    given: Any = None
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """One line on stderr and exit status 2 (jsonargparse's behaviour otherwise)."""
@@ -144,8 +156,121 @@ class ConfigParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"fmnist_lightning: error: {' '.join(message.split())} (options: {prog} --help)\n")
+        sys.stderr.write(f"fmnist_lightning: error: {explain(message, self.given)} (options: {prog} --help)\n")
         self.exit(2)
+
+
+def explain(message: str, given: Any = None) -> str:
+    """A parser error in one line, naming the option and the cause where jsonargparse buries them.
+
+    jsonargparse reports an empty config file as "Unexpected config", ``nan`` for a float as a
+    600-character dump of the union types it tried, and a class that cannot be imported as a list
+    of subtypes with the cause inside; ``given`` (what was parsed) names the culprit.
+    """
+    for file in config_files(given):
+        if _yaml_of(file, missing=False) is None:
+            return f"config file {file} is empty: write the run's options in it (see configs/*.yaml), or leave it out"
+    for key, value, where in given_values(given):
+        if non_finite_text(value) and str(value) in message:
+            return f"--{key}{where}: {value} is not a finite number; give a finite value"
+    cause = re.search(r"Problem with given class_path '([^']+)':\s*(\S[^\n]*)", message)
+    key = re.search(r'Parser key "([^"]+)"', message)
+    if cause and key:
+        return f"--{key.group(1)}: cannot use {cause.group(1)}: {cause.group(2).strip()}"
+    return " ".join(message.split())
+
+
+def non_finite_text(value: Any) -> bool:
+    """Whether ``value`` is text that reads as NaN or an infinity (``nan``, ``-inf``, ``1e999``, ``.nan``...)."""
+    if not isinstance(value, str):
+        return False
+    text = value.strip().lower()
+    if text in (".nan", ".inf", "+.inf", "-.inf"):  # YAML's spellings
+        return True
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def config_files(given: Any) -> list[str]:
+    """The ``--config`` files of a command line (none for a configuration object)."""
+    if not isinstance(given, list | tuple):
+        return []
+    files = []
+    for i, arg in enumerate(given):
+        if arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(given):
+            files.append(given[i + 1])
+    return [f for f in files if Path(f).is_file()]  # --config also takes inline YAML
+
+
+def _yaml_of(file: str, missing: Any = None) -> Any:
+    """A config file's YAML (``missing`` if it cannot be read or parsed)."""
+    try:
+        return yaml.safe_load(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return missing
+
+
+def given_values(given: Any) -> Iterator[tuple[str, Any, str]]:
+    """``(dotted key, value, where)`` of every value given to parse: command line, its config files, a dict.
+
+    ``where`` is empty for the command line and a dict, `` (in FILE)`` for a config file.
+    """
+    if isinstance(given, Mapping | Namespace):
+        yield from ((key, value, "") for key, value in leaves(given))
+        return
+    if not isinstance(given, list | tuple):
+        return
+    for file in config_files(given):
+        yield from ((key, value, f" (in {file})") for key, value in leaves(_yaml_of(file)))
+    for i, arg in enumerate(given):
+        if not arg.startswith("--") or arg.startswith("--config"):
+            continue
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(given) and not given[i + 1].startswith("--"):
+            key, value = arg[2:], given[i + 1]
+        else:
+            continue
+        yield key.rstrip("+"), value, ""
+
+
+def leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a configuration (namespaces, dicts, lists; ``[i]`` for items)."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not str(k).startswith("__"):  # jsonargparse's own entries (__path__...)
+                yield from leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from leaves(item, f"{key}[{i}]")
+    else:
+        yield key, value
+
+
+def check_numbers(cfg: Namespace) -> None:
+    """Refuse NaN and infinite numbers anywhere in a parsed configuration, and a seed numpy would refuse.
+
+    YAML reads ``.nan``, ``.inf`` and ``1e999`` as floats, which every type check lets through: a NaN
+    learning rate trains a network to NaN, a NaN ``label_smoothing`` passes ``0 <= x < 1`` checks
+    written the other way round. Here they are refused by name, wherever the number came from.
+
+    Raises:
+        ConfigError: Naming the option.
+    """
+    for key, value in leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{key}: {value} is not a finite number; give a finite value.")
+    seed = cfg.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            f"--seed_everything {seed} is out of range: give a seed from 0 to {MAX_SEED}, or true for a random one."
+        )
 
 
 def nested(overrides: Mapping[str, Any]) -> Namespace:
@@ -196,23 +321,30 @@ class RunCLI(LightningCLI):
         self.checkpoint: dict[str, Any] | None = None
         self.resumes_run = False
         description = __doc__.splitlines()[0]
-        super().__init__(
-            ClassificationTask,
-            FashionMNISTDataModule,
-            save_config_callback=RunConfigSaver,
-            trainer_class=PackageTrainer,
-            parser_class=ConfigParser,
-            trainer_defaults=trainer_defaults(),
-            seed_everything_default=42,
-            auto_configure_optimizers=False,
-            parser_kwargs={
-                "prog": prog or f"{PROG} {stage}",
-                "description": description,
-                "exit_on_error": exit_on_error,
-            },
-            args=args,  # type: ignore[arg-type]
-            run=False,
-        )
+        HELD_INFO.hold()  # "Seed set to 42", "GPU available"...: said once the run starts, not before its error
+        try:
+            super().__init__(
+                ClassificationTask,
+                FashionMNISTDataModule,
+                save_config_callback=RunConfigSaver,
+                trainer_class=PackageTrainer,
+                parser_class=ConfigParser,
+                trainer_defaults=trainer_defaults(),
+                seed_everything_default=42,
+                auto_configure_optimizers=False,
+                parser_kwargs={
+                    "prog": prog or f"{PROG} {stage}",
+                    "description": description,
+                    "exit_on_error": exit_on_error,
+                },
+                args=args,  # type: ignore[arg-type]
+                run=False,
+            )
+        except BaseException:
+            HELD_INFO.drop()
+            raise
+        if not build:
+            HELD_INFO.drop()  # nothing runs on this parse: its seed line would be the only noise
 
     # --- the parser ---------------------------------------------------------------------------
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -222,12 +354,16 @@ class RunCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` (a command line or an object), merge the overrides, then settle the run."""
         is_object = isinstance(args, Mapping | Namespace)
+        parser.given = args if is_object else list(args)  # for the parser's errors (see explain)
         # A copy: jsonargparse turns a dict's nested class dicts (callbacks...) into namespaces in place,
         # which would change a study's plan (its folder's hash) after its first training.
         config = parser.parse_object(copy.deepcopy(args)) if is_object else parser.parse_args(list(args))
         if self.overrides:
+            parser.given = self.overrides
             # The base positionally: it is `cfg_base` in jsonargparse 4.40, `namespace` in later releases.
             config = parser.parse_object(nested(self.overrides), config)
+        parser.given = None
+        check_numbers(config)
         self.config = config
         self._settle_run(config)
 
@@ -272,10 +408,8 @@ class RunCLI(LightningCLI):
             super().instantiate_classes()
         except FashionMNISTError:
             raise
-        except (ValueError, TypeError) as err:
-            raise ConfigError(
-                f"invalid configuration: {first_line(err)}. Fix it in the config or on the command line."
-            ) from err
+        except (ValueError, TypeError, ImportError) as err:
+            raise ConfigError(instantiation_message(err)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with atomic checkpoint writes unless the config names its own CheckpointIO."""
@@ -287,11 +421,101 @@ class RunCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.resumed = self.resumes_run
+        trainer.callbacks.insert(0, ReleaseHeldInfo())  # first: the held lines come before the model summary
         return trainer
 
     def dump(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what ``config.yaml`` holds)."""
         return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+
+
+def instantiation_message(err: BaseException) -> str:
+    """One line for a class that could not be built: the root cause, not jsonargparse's wrapping of it.
+
+    jsonargparse wraps a failing class in "Does not validate against any of the Union subtypes" and
+    "Problem with given class_path ...", with the cause (``RichProgressBar`` needs ``rich``...) only
+    in the chain of exceptions; the cause is what the user can act on.
+    """
+    chain = [err]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    found = re.search(r"class_path '([^']+)'", " ".join(str(e) for e in chain))
+    cause = first_line(root)
+    if isinstance(root, ImportError):  # a class whose package is missing (RichProgressBar without rich...)
+        stop = "" if cause.endswith(".") else "."
+        hint = (
+            "" if "install" in cause.lower() else " Install the missing package, or take the class out of the config."
+        )
+        return f"cannot build {found.group(1) if found else 'a configured class'}: {cause}{stop}{hint}"
+    what = f"{found.group(1)}: " if found and root is not err else ""
+    return f"invalid configuration: {what}{cause}. Fix it in the config or on the command line."
+
+
+class HeldLightningInfo(logging.Filter):
+    """Lightning's INFO lines, held from the start of a run's build until its Trainer starts.
+
+    Building a run prints "Seed set to 42", "GPU available: ...", "TPU available: ..." (Lightning's
+    rank-zero logger, at INFO); a value refused after that (a learning rate the optimizer refuses,
+    missing data) would follow them, and a refused command must say one line only. So the lines
+    wait: :class:`ReleaseHeldInfo` prints them when the Trainer starts its job, and a failure drops
+    them. Warnings and errors are never held.
+    """
+
+    LOGGERS = (
+        "lightning.fabric.utilities.seed",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep an INFO (or DEBUG) record back while holding; let everything else through."""
+        if self.holding and record.levelno < logging.WARNING:
+            self.held.append(record)
+            return False
+        return True
+
+    def hold(self) -> None:
+        """Start holding (anything still held from an earlier, failed build is dropped)."""
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+        self.held, self.holding = [], True
+
+    def release(self) -> None:
+        """Stop holding and print what was held, in order, through the loggers it came from."""
+        held, self.held, self.holding = self.held, [], False
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+
+    def drop(self) -> None:
+        """Stop holding and forget what was held."""
+        self.held, self.holding = [], False
+
+
+#: The one hold of the process: runs are built one after another.
+HELD_INFO = HeldLightningInfo()
+
+
+class ReleaseHeldInfo(Callback):
+    """Print Lightning's held INFO lines when the Trainer starts its job; drop them if it fails first."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The run starts: what building it printed is worth seeing now."""
+        HELD_INFO.release()
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """The job failed before it started: its error is the one line to print."""
+        HELD_INFO.drop()
 
 
 def add_run_arguments(parser: LightningArgumentParser) -> None:

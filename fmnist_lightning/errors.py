@@ -15,3 +15,11 @@ class ConfigError(FashionMNISTError, ValueError):
 
 class CheckpointError(FashionMNISTError):
     """A checkpoint is missing, unreadable, corrupt, of another model, or cannot be written."""
+
+
+class TrainingDiverged(FashionMNISTError):
+    """The training loss became NaN or infinite: the run stops before a broken model is saved."""
+
+
+class WriteError(FashionMNISTError):
+    """A run's file could not be written (a full disk, a folder gone read-only); says what was kept."""

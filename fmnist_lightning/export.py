@@ -8,11 +8,17 @@ the log of the averaged probabilities (logits whose softmax is the averaged soft
 
 Every export is checked before it gets its final name: ``onnx.checker``, then the file is run (by
 onnxruntime, or ``torch.jit.load`` for TorchScript) on two batch sizes and compared with the PyTorch
-network within :data:`TOLERANCE`. An existing file is never overwritten: a numbered name is used
-instead (:func:`fmnist_lightning.io.unused_path`), and the path written is returned.
+network within :data:`TOLERANCE`, all in memory; only then are the bytes written, through
+:func:`fmnist_lightning.io.atomic_write` (a full disk leaves nothing behind, no temporary file either).
+An existing file is never overwritten: a numbered name is used instead
+(:func:`fmnist_lightning.io.unused_path`), and the path written is returned. A folder, a device or
+anything else that is not a regular file is refused as the output, not numbered around.
 """
 
+import contextlib
 import importlib
+import io
+import os
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -25,7 +31,7 @@ from torch import Tensor, nn
 from fmnist_lightning.data import NORMALIZATIONS
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.inference import load_task
-from fmnist_lightning.io import atomic_path, unused_path
+from fmnist_lightning.io import atomic_write, unused_path
 from fmnist_lightning.task import ClassificationTask
 
 ExportFormat = Literal["onnx", "torchscript"]
@@ -90,31 +96,42 @@ def _require_onnx() -> tuple[Any, Any]:
     return modules["onnx"], modules["onnxruntime"]
 
 
-def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+def _onnx_bytes(model: nn.Module, example: Tensor) -> bytes:
+    """The ONNX file's bytes, checked by ``onnx.checker``; in memory, so that only the atomic write touches the disk."""
     onnx, _ = _require_onnx()
     batch = torch.export.Dim("batch")
-    torch.onnx.export(
+    program = torch.onnx.export(
         model,
         (example,),
-        str(path),
+        None,  # no file: the program is returned, and serialised below as torch's own save does
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
         dynamic_shapes={"images": {0: batch}},
         opset_version=ONNX_OPSET,
         dynamo=True,
-        external_data=False,  # one self-contained file: these networks are far below protobuf's 2 GB
         verbose=False,
     )
-    onnx.checker.check_model(str(path), full_check=True)
+    # One self-contained file: these networks are far below protobuf's 2 GB.
+    data = program.model_proto.SerializeToString()
+    onnx.checker.check_model(data, full_check=True)
+    return data
 
 
-def _write_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+def _torchscript_bytes(model: nn.Module, example: Tensor) -> bytes:
+    """The TorchScript archive's bytes, saved to memory.
+
+    ``torch.jit.save`` to a file on a full disk aborts the process from C++ (``c10::Error``, exit 134)
+    and leaves its half-written file; to a buffer it cannot fail that way, and the bytes then go
+    through the atomic write like every other file the package writes.
+    """
     with warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.export, but it is what the issue asks for and
         # what C++ (libtorch) and older deployments load; the warning would only repeat that.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=Warning)
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
 
 
 def load_exported(path: str | Path) -> Callable[[Tensor], Tensor]:
@@ -129,10 +146,15 @@ def load_exported(path: str | Path) -> Callable[[Tensor], Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"exported model {path} does not exist.")
-    if zipfile.is_zipfile(path):
+    return _run_exported(path.read_bytes())
+
+
+def _run_exported(data: bytes) -> Callable[[Tensor], Tensor]:
+    """:func:`load_exported` on a file's bytes (an export is checked in memory, before it is written)."""
+    if zipfile.is_zipfile(io.BytesIO(data)):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=Warning)
-            module = torch.jit.load(str(path), map_location="cpu").eval()
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
 
         def run_torchscript(images: Tensor) -> Tensor:
             with torch.inference_mode():
@@ -140,7 +162,7 @@ def load_exported(path: str | Path) -> Callable[[Tensor], Tensor]:
 
         return run_torchscript
     _, ort = _require_onnx()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run_onnx(images: Tensor) -> Tensor:
@@ -161,7 +183,8 @@ def export_task(
     Args:
         task: The trained task (moved to the CPU and put in eval mode).
         format: ``onnx`` or ``torchscript``.
-        output: The file to write; if it exists, a numbered name beside it (``model_1.onnx``...).
+        output: The file to write; if it exists, a numbered name beside it (``model_1.onnx``...). A
+            folder or a device is refused (:func:`check_output`).
         normalization: The data module's ``normalization`` the network was trained with.
         tta_flip: Build in flip test-time augmentation; None follows ``task.tta_flip``.
 
@@ -169,7 +192,9 @@ def export_task(
         The path written.
 
     Raises:
-        ConfigError: For an unknown format or normalisation, or ONNX export without its packages.
+        ConfigError: For an unknown format or normalisation, ONNX export without its packages, an
+            output that is a folder, a device or under a file, or a file that cannot be written
+            (a full disk...: nothing is left behind).
         RuntimeError: If the exported model does not reproduce PyTorch's logits within :data:`TOLERANCE`.
     """
     if format not in FORMATS:
@@ -178,24 +203,76 @@ def export_task(
         raise ConfigError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}.")
     if format == "onnx":
         _require_onnx()  # before any work, so a missing package is the first and only message
+    check_output(output, format)
     mean, std = NORMALIZATIONS[normalization]
     tta = task.tta_flip if tta_flip is None else tta_flip
     model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last).cpu().eval()
-    target = unused_path(Path(output))
-    # Written and checked under a temporary name beside the target: a failed export leaves nothing.
-    with atomic_path(target, overwrite=False) as tmp:
-        example = torch.rand(2, 1, 28, 28)
-        with torch.no_grad():
-            (_write_onnx if format == "onnx" else _write_torchscript)(model, example, tmp)
-            run = load_exported(tmp)
-            for batch in (1, 5):  # another batch size than the example's: the batch axis is dynamic
-                images = torch.rand(batch, 1, 28, 28)
-                diff = (run(images) - model(images)).abs().max().item()
-                if not diff <= TOLERANCE:
-                    raise RuntimeError(
-                        f"the exported {format} model's logits differ from PyTorch's by {diff:.3g} "
-                        f"(> {TOLERANCE}) at batch size {batch}; nothing was written."
-                    )
+    # Made and checked in memory: a failed export writes nothing.
+    example = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        data = (_onnx_bytes if format == "onnx" else _torchscript_bytes)(model, example)
+        run = _run_exported(data)
+        for batch in (1, 5):  # another batch size than the example's: the batch axis is dynamic
+            images = torch.rand(batch, 1, 28, 28)
+            diff = (run(images) - model(images)).abs().max().item()
+            if not diff <= TOLERANCE:
+                raise RuntimeError(
+                    f"the exported {format} model's logits differ from PyTorch's by {diff:.3g} "
+                    f"(> {TOLERANCE}) at batch size {batch}; nothing was written."
+                )
+    return _write_new(Path(output), data)
+
+
+def check_output(output: str | Path, format: str) -> None:
+    """Refuse an output that is not a file name: a folder, a device, a path under a file.
+
+    ``unused_path`` would number its way around them (``outdir`` -> ``outdir_1``, ``/dev/null`` ->
+    ``/dev/null_1``) and write a file nobody asked for; a regular file there is another matter, it is
+    kept and the export gets a numbered name beside it.
+
+    Raises:
+        ConfigError: Naming the output and what to give instead.
+    """
+    path = Path(output)
+    example = f"model{SUFFIXES.get(format, '')}"
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder, not a file: give the file to write, e.g. {path / example}.")
+    if str(output).endswith(("/", os.sep)):
+        raise ConfigError(
+            f"--output {output} names a folder (a trailing /): give the file to write, e.g. {path / example}."
+        )
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"--output {path} is not a regular file (a device, a pipe or a socket): give the name of a file to write."
+        )
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--output {path}: {folder} is a file, not a folder; give a path in a folder.")
+
+
+def _write_new(output: Path, data: bytes) -> Path:
+    """Write ``data`` to ``output`` or, if taken, a numbered name beside it, atomically; return the path.
+
+    A failed write (a full disk, a read-only folder) leaves neither the file nor its temporary, nor
+    the folders made for it.
+    """
+    target = unused_path(output)
+    made = []  # the folders that the write creates, innermost first
+    for folder in target.parents:
+        if folder.exists():
+            break
+        made.append(folder)
+    try:
+        with atomic_write(target, "wb", sync=True, overwrite=False) as f:
+            f.write(data)
+    except OSError as err:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(
+            f"could not write the export {target} ({err.strerror or err}); nothing was written: free some space "
+            "or give another --output."
+        ) from err
     return target
 
 
@@ -211,7 +288,8 @@ def export_checkpoint(
         ckpt_path: A ``.ckpt`` written by ``fit``.
         format: ``onnx`` or ``torchscript``.
         output: The file to write; by default the checkpoint's path with ``.onnx`` or ``.pt``. If
-            it exists, a numbered name beside it is used (``model_1.onnx``...): never overwritten.
+            it exists, a numbered name beside it is used (``model_1.onnx``...): never overwritten. A
+            folder or a device is refused (:func:`check_output`).
         tta_flip: Build in flip test-time augmentation; None follows the checkpoint's ``tta_flip``.
 
     Returns:
@@ -219,13 +297,15 @@ def export_checkpoint(
 
     Raises:
         CheckpointError: For a missing or unreadable checkpoint, or one that cannot rebuild its network.
-        ConfigError: For an unknown format, or ONNX export without the onnx, onnxruntime and
-            onnxscript packages.
+        ConfigError: For an unknown format, ONNX export without the onnx, onnxruntime and onnxscript
+            packages, an output that is not a file name, or a file that cannot be written.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}.")
     if format == "onnx":
         _require_onnx()
+    if output is not None:
+        check_output(output, format)  # before the checkpoint is read: the cheaper refusal first
     task, normalization = load_task(ckpt_path)
     output = Path(ckpt_path).with_suffix(SUFFIXES[format]) if output is None else output
     return export_task(task, format, output, normalization=normalization, tta_flip=tta_flip)

@@ -92,14 +92,47 @@ def run_dir_of_checkpoint(ckpt: Path) -> Path | None:
     return None
 
 
-def latest_run(run_root: Path) -> Path | None:
-    """The ``version_N`` folder with the highest N under ``<save_dir>/<name>`` that has a ``last.ckpt``."""
-    runs = sorted(
+def run_versions(run_root: Path) -> list[tuple[int, Path]]:
+    """The ``version_N`` folders under ``<save_dir>/<name>``, by N."""
+    found = (
         (int(d.name.removeprefix("version_")), d)
         for d in run_root.glob("version_*")
-        if d.name.removeprefix("version_").isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
+        if d.name.removeprefix("version_").isdigit() and d.is_dir()
     )
-    return runs[-1][1] if runs else None
+    return sorted(found)
+
+
+def latest_run(run_root: Path) -> Path | None:
+    """The run folder (``version_N``, see :func:`is_run_dir`) with the highest N under ``<save_dir>/<name>``."""
+    runs = [d for _, d in run_versions(run_root) if is_run_dir(d)]
+    return runs[-1] if runs else None
+
+
+def claim_run_dir(run_root: Path) -> tuple[Path, list[Path]]:
+    """Make the next ``version_N`` folder under ``run_root``, atomically: racing commands get distinct N.
+
+    TensorBoardLogger picks the next N by listing the folder, so two ``fit`` started at once can pick
+    the same one and write into each other's run. ``mkdir`` either makes the folder or fails because
+    another command made it first; then the next N is tried.
+
+    Returns:
+        The folder made, and it with the parents made for it (innermost first), for a failed run's
+        clean-up.
+    """
+    while True:
+        versions = run_versions(run_root)
+        candidate = run_root / f"version_{versions[-1][0] + 1 if versions else 0}"
+        created = [candidate]
+        for parent in candidate.parents:
+            if parent.exists():
+                break
+            created.append(parent)
+        run_root.mkdir(parents=True, exist_ok=True)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate, created
 
 
 def best_checkpoint(last_ckpt: Mapping) -> str | None:
@@ -112,7 +145,7 @@ def best_checkpoint(last_ckpt: Mapping) -> str | None:
 
 
 def find_run_checkpoint(run_root: Path, which: str) -> Path:
-    """Resolve ``best`` or ``last`` to a checkpoint of the latest run under ``run_root``.
+    """Resolve ``best`` or ``last`` to a checkpoint of the latest run under ``run_root``, and only that run.
 
     Args:
         run_root: ``<save_dir>/<name>`` of a TensorBoard logger, holding ``version_N`` folders.
@@ -122,16 +155,21 @@ def find_run_checkpoint(run_root: Path, which: str) -> Path:
         The checkpoint's path.
 
     Raises:
-        ConfigError: If no run with a ``last.ckpt`` exists there, or its best checkpoint is gone.
+        ConfigError: If there is no run, the latest run has no ``last.ckpt``, or its best checkpoint is gone.
         CheckpointError: If ``last.ckpt`` is unreadable.
     """
     run = latest_run(run_root)
     if run is None:
         raise ConfigError(
-            f"--ckpt_path {which}: no run with checkpoints/last.ckpt under {run_root}. Run `fit` with the same "
-            "config first, or give the checkpoint's path."
+            f"--ckpt_path {which}: no run under {run_root}. Run `fit` with the same config first, or give the "
+            "checkpoint's path."
         )
     last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # never another run in its place: resuming or testing it would be a silent mix-up
+        raise ConfigError(
+            f"--ckpt_path {which}: the latest run {run} has no checkpoints/last.ckpt (removed, still in its first "
+            "epoch, or trained with checkpoint.save_last false); give a checkpoint's path instead."
+        )
     if which == "last":
         return last
     try:

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fmnist_lightning.errors import ConfigError
+from fmnist_lightning.errors import ConfigError, TrainingDiverged
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler | ReduceLROnPlateau]
@@ -88,6 +88,8 @@ class ClassificationTask(LightningModule):
         )
         self.train_metrics = metrics.clone(prefix="train/")
         self._train_loss_sum, self._train_count = torch.zeros(()), 0  # the epoch's, see _log_step
+        self._all_finite: Tensor | None = None  # see check_finite_loss
+        self._finite_steps, self._epoch_start_step = torch.zeros((), dtype=torch.long), 0
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -124,6 +126,10 @@ class ClassificationTask(LightningModule):
             # logged once an epoch, as the metrics are, on its last batch.
             self._train_loss_sum += loss.detach() * len(y)
             self._train_count += len(y)
+            # Where the loss first went non-finite, without a host sync: the count of finite steps
+            # before it (checked once an epoch, see check_finite_loss).
+            self._all_finite &= loss.detach().isfinite()
+            self._finite_steps += self._all_finite
             if self.trainer.is_last_batch:
                 self._log_train_epoch()
         else:
@@ -151,6 +157,32 @@ class ClassificationTask(LightningModule):
         """Start the epoch's loss sum."""
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_count = 0
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self._epoch_start_step = self.trainer.global_step
+
+    def check_finite_loss(self) -> None:
+        """Stop the run if this epoch's training loss went NaN or infinite (one host sync).
+
+        Called before anything of the epoch is saved (its validation, which may save a "best"
+        checkpoint, and ``last.ckpt``): the run keeps the checkpoints of the epochs before.
+
+        Raises:
+            TrainingDiverged: Naming the epoch and the step where the loss first went non-finite.
+        """
+        if getattr(self, "_all_finite", None) is None or bool(self._all_finite):
+            return
+        batch = int(self._finite_steps)
+        raise TrainingDiverged(
+            f"the training loss became NaN or infinite at epoch {self.current_epoch}, batch {batch} (step "
+            f"{self._epoch_start_step + batch}); lower the learning rate (--model.optimizer.init_args.lr) or clip "
+            "gradients (--trainer.gradient_clip_val 1.0)."
+        )
+
+    def on_validation_start(self) -> None:
+        """During ``fit``, stop on a diverged epoch before its validation can save a checkpoint of it."""
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.check_finite_loss()
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch if it ended before its last batch (``max_steps`` reached mid-epoch)."""

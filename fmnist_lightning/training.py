@@ -25,13 +25,21 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lightning.callbacks import PredictionCSVWriter
-from fmnist_lightning.config import PROG, RunCLI, first_line
-from fmnist_lightning.errors import CheckpointError, ConfigError
+from fmnist_lightning.config import HELD_INFO, PROG, RunCLI, first_line
+from fmnist_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, WriteError
 from fmnist_lightning.report import TestReport
-from fmnist_lightning.runs import check_writable, read_history, remove_new, snapshot, trainer_run_dir
+from fmnist_lightning.runs import (
+    check_writable,
+    claim_run_dir,
+    read_history,
+    remove_new,
+    snapshot,
+    trainer_run_dir,
+)
 from fmnist_lightning.signals import Interrupted
 from fmnist_lightning.task import ClassificationTask, needs_total_steps
 
@@ -153,7 +161,11 @@ def fit(config: Config, overrides: Mapping[str, Any] | None = None, prog: str | 
         DataError: If the data cannot be found or read.
     """
     run = build(config, "fit", overrides, prog=prog)
-    _check_optimizer(run.model)
+    try:
+        _check_fit(run)
+    except BaseException:
+        HELD_INFO.drop()
+        raise
     start = time.perf_counter()
     _run(run, lambda: run.trainer.fit(run.model, run.datamodule, ckpt_path=run.config.get("ckpt_path")))
     seconds = time.perf_counter() - start
@@ -232,6 +244,14 @@ def predict(config: Config, overrides: Mapping[str, Any] | None = None, prog: st
 
 def _run(run: RunCLI, job: Any) -> None:
     """Check what can be checked before the run folder exists, then run ``job``; clean up if it fails."""
+    try:
+        _checked_run(run, job)
+    except BaseException:
+        HELD_INFO.drop()  # Lightning's "Seed set"... lines, held for a run that did not start
+        raise
+
+
+def _checked_run(run: RunCLI, job: Any) -> None:
     if run.checkpoint is not None:
         _check_state_dict(run.model, run.checkpoint, run.config.ckpt_path)
     run_dir = trainer_run_dir(run.trainer)
@@ -239,6 +259,9 @@ def _run(run: RunCLI, job: Any) -> None:
         check_writable(run_dir, "log folder")
     run.datamodule.prepare_data()  # finds (or stages) the data files now, not inside the run
     created = _parents_to_create(run_dir) if run_dir else []
+    claimed = _claim_version(run) if run_dir is not None else None
+    if claimed is not None:
+        run_dir, created = claimed
     before = snapshot(run_dir) if run_dir else set()
     try:
         try:
@@ -250,21 +273,57 @@ def _run(run: RunCLI, job: Any) -> None:
             _clean_up_failed_run(run_dir, created, before)
             if isinstance(err, Interrupted) and not err.kept:
                 err.kept = _what_was_kept(run, run_dir)
+            if isinstance(err, TrainingDiverged):
+                raise TrainingDiverged(f"{err} {_what_was_kept(run, run_dir, diverged=True)}") from err
+            if isinstance(err, OSError) and err.strerror:  # a full disk, a folder gone read-only...
+                where = f" ({err.filename})" if err.filename else ""
+                kept = _what_was_kept(run, run_dir)
+                raise WriteError(f"{err.strerror}{where}. Free some space or fix the folder: {kept}") from err
         raise
 
 
-def _what_was_kept(run: RunCLI, run_dir: Path) -> str:
-    """What an interrupted job leaves, and how to go on from it (one sentence)."""
+def _claim_version(run: RunCLI) -> tuple[Path, list[Path]] | None:
+    """Give a new run its ``version_N`` folder atomically (see :func:`~fmnist_lightning.runs.claim_run_dir`).
+
+    The folder is made now and the logger rebuilt with its version; a logger whose version is set
+    (a resumed run, ``--trainer.logger.init_args.version``) is left as it is.
+
+    Returns:
+        The run folder and the folders made for it, or None if nothing was claimed.
+    """
+    logger, config = run.trainer.logger, run.config.trainer.get("logger")
+    if not isinstance(logger, TensorBoardLogger) or not isinstance(config, Namespace):
+        return None
+    init = config.get("init_args")
+    if init is None or init.get("version") is not None or not run.trainer.is_global_zero:
+        return None
+    run_dir, created = claim_run_dir(Path(logger.root_dir))
+    run.trainer.logger = type(logger)(**{**init.as_dict(), "version": run_dir.name})
+    return run_dir, created
+
+
+def _what_was_kept(run: RunCLI, run_dir: Path, diverged: bool = False) -> str:
+    """What a stopped job leaves, and how to go on from it (one sentence)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if run.stage != "fit":
         return "nothing was written; run the same command again."
     if not last.is_file():
-        return "no epoch had completed, so nothing was kept; run the same command again."
+        again = "run again with other values" if diverged else "run the same command again"
+        return f"no epoch had completed, so nothing was kept; {again}."
     epochs = len(read_history(run_dir))
+    if diverged:
+        return f"The run {run_dir} keeps its checkpoints of the {epochs} epoch(s) before."
     return (
         f"the run {run_dir} keeps its last completed epoch ({epochs} trained); continue it with "
         f"`{PROG} fit --config {run_dir / 'config.yaml'} --ckpt_path {last}`."
     )
+
+
+def _check_fit(run: RunCLI) -> None:
+    """What fit refuses before the run starts: a Trainer that trains nothing, an optimizer that cannot be built."""
+    if run.trainer.max_epochs == 0 or run.trainer.max_steps == 0:  # Lightning runs it: a run folder and no model
+        raise ConfigError("--trainer.max_epochs / --trainer.max_steps 0 trains nothing; give 1 or more (-1: no limit).")
+    _check_optimizer(run.model)
 
 
 def _check_optimizer(task: LightningModule) -> None:

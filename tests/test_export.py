@@ -159,3 +159,33 @@ def test_onnx_packages_missing_is_a_clear_error(checkpoint, tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())
     # TorchScript needs none of them.
     assert export_checkpoint(checkpoint, "torchscript", tmp_path / "m.pt").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_every_format_is_written_once_through_the_atomic_write(checkpoint, tmp_path, monkeypatch, fmt):
+    """Made and checked in memory, then written by io.atomic_write: a failed write leaves no temporary file."""
+    import fmnist_lightning.export as export
+
+    written = []
+    real = export.atomic_write
+
+    def spy(path, *args, **kwargs):
+        written.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(export, "atomic_write", spy)
+    out = export_checkpoint(checkpoint, fmt, tmp_path / "m.bin")
+    assert written == [out] == [tmp_path / "m.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.bin"]
+
+
+def test_output_that_is_not_a_file_name_is_refused_before_anything_is_read(tmp_path):
+    # The checkpoint is not even looked at: the output is refused first, and nothing is numbered around it.
+    for output, words in [
+        (tmp_path, "is a folder, not a file"),
+        (f"{tmp_path / 'new'}/", "names a folder"),
+        ("/dev/null", "not a regular file"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            export_checkpoint(tmp_path / "none.ckpt", "torchscript", output)
+    assert list(tmp_path.iterdir()) == []

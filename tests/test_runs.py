@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist_lightning import training
 from fmnist_lightning.checkpoints import load_checkpoint
 from fmnist_lightning.cli import run
 from fmnist_lightning.predictions import read_predictions
-from fmnist_lightning.runs import read_history
+from fmnist_lightning.runs import claim_run_dir, read_history
 
 from .conftest import LINEAR, TINYVGG, fast_fit_args
 
@@ -151,6 +153,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_whole(tmp_path, data_dir):
         assert last.read_bytes() == before
         assert epoch_of(last) == 0
         assert not list(last.parent.glob(".*.tmp"))
+        assert "resume with `fit --ckpt_path last`" in done.stderr
+        # A new run on the same full disk fails at its first checkpoint: no resume to advise, no run left.
+        fresh = subprocess.run([*cmd, "--trainer.max_epochs=1"], cwd=tmp_path, capture_output=True, text=True)
+        assert fresh.returncode != 0
+        assert "Free some space or fix the folder, then run the same command again" in fresh.stderr
+        assert "--ckpt_path last" not in fresh.stderr
+        assert sorted(p.name for p in last.parent.parent.parent.iterdir()) == ["version_0"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 
@@ -194,3 +203,69 @@ def test_ddp_fit_and_test_on_two_cpu_processes_match_one_process(tmp_path, data_
     assert torch.allclose(p2.probs, p1.probs, atol=1e-5)
     with (run / "report" / "predictions.csv").open() as f:
         assert sum(1 for _ in csv.reader(f)) == 10_001
+
+
+def test_racing_claims_get_distinct_run_folders(tmp_path):
+    """Eight claims at once (threads, each a mkdir race) get eight folders, numbered without gaps."""
+    root = tmp_path / "logs" / "tinyvgg"
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda _: claim_run_dir(root), range(8)))
+    folders = sorted(run for run, _ in claims)
+    assert sorted(p.name for p in folders) == sorted(f"version_{i}" for i in range(8))
+    made_parents = [created for _, created in claims if len(created) > 1]
+    assert all(c[0].parent == root for c in made_parents)
+
+
+@pytest.mark.slow
+def test_three_fits_started_at_once_take_three_versions(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "fmnist_lightning", "fit", *LINEAR, *fast_fit_args(data_dir, tmp_path / "logs")]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    runs = sorted((tmp_path / "logs" / "linear").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1", "version_2"]
+    assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+
+
+class PoisonWeights(Callback):
+    """Set the network's weights to NaN before batch ``batch`` of epoch ``epoch``: a diverged training."""
+
+    def __init__(self, epoch: int = 1, batch: int = 2) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def poison(epoch: int, batch: int) -> list[str]:
+    return [
+        "--trainer.callbacks+=tests.test_runs.PoisonWeights",
+        f"--trainer.callbacks.epoch={epoch}",
+        f"--trainer.callbacks.batch={batch}",
+    ]
+
+
+def test_a_diverged_training_stops_naming_epoch_and_step_and_saves_nothing_of_it(tmp_path, data_dir):
+    logs = tmp_path / "logs"
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", *LINEAR, *fast_fit_args(data_dir, logs, "--trainer.max_epochs=3"), *poison(1, 2)])
+    message = str(exit_.value.code)
+    assert message.startswith("fmnist_lightning: error: the training loss became NaN or infinite at epoch 1, batch 2")
+    assert "(step 5)" in message  # 3 batches in epoch 0, then batch 2 of epoch 1
+    assert "keeps its checkpoints of the 1 epoch(s) before" in message
+    checkpoints = logs / "linear" / "version_0" / "checkpoints"
+    assert sorted(p.name.split("-val")[0] for p in checkpoints.iterdir()) == ["best-epoch00", "last.ckpt"]
+    last = load_checkpoint(checkpoints / "last.ckpt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_a_training_diverged_in_its_first_epoch_leaves_no_run_folder(tmp_path, data_dir):
+    logs = tmp_path / "logs"
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", *LINEAR, *fast_fit_args(data_dir, logs), *poison(0, 0)])
+    assert "at epoch 0, batch 0 (step 0)" in str(exit_.value.code)
+    assert "no epoch had completed, so nothing was kept" in str(exit_.value.code)
+    assert not (logs / "linear").exists()

@@ -62,6 +62,7 @@ def send(signum: int, epoch: int = 0, batch: int = 1) -> list[str]:
 
 def stopped(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """Run ``args`` in this process with the signal armed: exit status and stderr."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     os.environ[ENV] = "1"
     try:
         with pytest.raises(SystemExit) as exit_:
@@ -70,8 +71,7 @@ def stopped(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
         del os.environ[ENV]
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are put back
     return exit_.value.code, err.strip().splitlines()[-1]
 
 
@@ -117,12 +117,13 @@ def test_sigterm_during_evaluation_writes_nothing(tmp_path, data_dir, capsys, li
     assert tree(logs) == before
 
 
-def test_sigterm_during_kfold_queues_the_cell_again_and_the_same_command_finishes(tmp_path, data_dir, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_kfold_queues_the_cell_again_and_the_same_command_finishes(tmp_path, data_dir, capsys, signum):
     logs = tmp_path / "logs"
-    args = ["kfold", *LINEAR, *fast_fit_args(data_dir, logs), "--num_folds=2", "--jobs=1", *send(signal.SIGTERM, 0, 1)]
+    args = ["kfold", *LINEAR, *fast_fit_args(data_dir, logs), "--num_folds=2", "--jobs=1", *send(signum, 0, 1)]
     code, line = stopped(args, capsys)
-    assert code == 143
-    assert "stopped by SIGTERM: the finished trainings are kept in" in line
+    assert code == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}: the finished trainings are kept in" in line
     assert "run the same command to continue" in line
     assert main(args) == 0  # the same command, not armed: trains both folds
     (study,) = (logs / "linear").glob("kfold2*")

@@ -206,17 +206,27 @@ def test_kfold_trains_every_fold_in_its_own_run_and_tabulates_them(tmp_path, dat
 
 
 def test_a_failing_cell_is_reported_and_the_others_still_train(tmp_path, data_dir, monkeypatch):
-    # One width for two conv layers parses but cannot build the network: only training finds it.
+    # A Trainer that would train nothing is refused by fit, not by the plan's check (which builds
+    # the data and the network, not the Trainer): a cell that fails when it runs.
     monkeypatch.chdir(tmp_path)
-    sweep = sweep_file(tmp_path, "grid:\n  model.model.init_args.widths: [[8], [8, 16]]\n")
+    sweep = sweep_file(tmp_path, "grid:\n  trainer.max_epochs: [0, 1]\n")
     args = ["--config", str(ROOT / "configs" / "lightweight.yaml"), *fast_fit_args(data_dir, tmp_path / "logs")]
-    with pytest.raises(StudyIncomplete, match="widths=8/seed42"):
+    with pytest.raises(StudyIncomplete, match="max_epochs=0/seed42"):
         run_sweep(args, sweep, options=StudyOptions(jobs=1))
     out = plan_sweep(args, sweep).study_dir
-    assert sorted(completed(load(out))) == ["widths=8-16/seed42"]
+    assert sorted(completed(load(out))) == ["max_epochs=1/seed42"]
     table = (out / "results.md").read_text()
     assert "Trainings: 1 of 2 complete." in table
-    assert "- widths=8/seed42:" in table  # the failure and its reason are in the table
+    assert "- max_epochs=0/seed42:" in table  # the failure and its reason are in the table
+    assert "trains nothing" in table
+
+
+def test_a_point_whose_network_cannot_be_built_is_refused_before_anything_is_written(tmp_path, data_dir):
+    sweep = sweep_file(tmp_path, "grid:\n  model.model.init_args.widths: [[8, 16], [8]]\n")
+    args = ["--config", str(ROOT / "configs" / "lightweight.yaml"), *fast_fit_args(data_dir, tmp_path / "logs")]
+    with pytest.raises(ConfigError, match="grid point widths=8: widths, kernel_sizes and pools need one entry"):
+        run_sweep(args, sweep, options=StudyOptions(jobs=1))
+    assert not (tmp_path / "logs").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,3 +560,49 @@ def test_postgres_two_commands_share_a_sweep_survive_a_kill_and_rerun_trains_not
     run_sweep(args, sweep, options=StudyOptions(jobs=1, storage=postgres_url))
     assert checkpoints(plan.study_dir) == before
     assert json.loads(json.dumps(read_table(plan.study_dir / "cells.csv")[0]["cell"]))
+
+
+def test_more_jobs_than_the_machine_holds_are_capped_with_a_line(tmp_path, data_dir, capsys):
+    from fmnist_lightning.cli import main
+    from fmnist_lightning.studies.engine import cpu_count, max_jobs
+
+    limit, why = max_jobs()
+    assert 1 <= limit <= cpu_count()
+    assert "core" in why
+    sweep = tmp_path / "one.yaml"
+    sweep.write_text("grid:\n  model.optimizer.init_args.lr: [0.01]\n")
+    assert main(["sweep", *LINEAR, *fast_fit_args(data_dir, tmp_path / "logs"), f"--sweep={sweep}", "--jobs=64"]) == 0
+    assert f"[study] --jobs 64 capped to {limit} ({why})" in capsys.readouterr().err
+
+
+def test_a_lock_left_by_a_process_killed_while_writing_is_broken_at_once(tmp_path, data_dir, capsys):
+    """A study killed while it held the journal's lock: the same command removes the lock and finishes."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from fmnist_lightning.cli import main
+    from fmnist_lightning.studies.storage import LOCK_SUFFIX, STALE_LOCK_SECONDS
+
+    args = ["kfold", *LINEAR, *fast_fit_args(data_dir, tmp_path / "logs"), "--num_folds=2", "--jobs=1"]
+    assert main(args) == 0
+    (journal,) = (tmp_path / "logs").rglob("optuna.journal")
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()  # what a killed writer leaves: Optuna's own lock, never released
+    lock_file = Path(f"{journal}{LOCK_SUFFIX}")
+    assert lock_file.is_symlink()
+    os.utime(lock_file, (time.time() - STALE_LOCK_SECONDS - 5,) * 2, follow_symlinks=False)
+    capsys.readouterr()
+    start = time.monotonic()
+    assert main(args) == 0  # writes to the journal (opens the study, reads and records) without waiting
+    assert time.monotonic() - start < 25  # Optuna alone would wait 30 s for its grace period
+    assert f"[study] removed the lock {lock_file}, left" in capsys.readouterr().err
+    assert not lock_file.exists()
+
+
+@pytest.mark.slow
+def test_postgres_the_readme_driverless_url_opens_the_study(tmp_path, postgres_url):
+    """``postgresql://`` as in the README: SQLAlchemy 2.1 would want psycopg 3; psycopg2 is what is installed."""
+    bare = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+    opened = storage.open_storage(bare, tmp_path, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=opened, study_name="s", direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2

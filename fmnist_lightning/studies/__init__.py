@@ -17,7 +17,7 @@ from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.signals import Interrupted
 from fmnist_lightning.studies.engine import CellError, StudyIncomplete, StudyOptions, run_study
 from fmnist_lightning.studies.results import read_table, write_results
-from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, plan_configs, plan_kfold, plan_sweep
+from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, check_plan, plan_configs, plan_kfold, plan_sweep
 from fmnist_lightning.studies.storage import journal_path
 from fmnist_lightning.training import Config
 
@@ -107,6 +107,7 @@ def run_plan(plan: StudyPlan, options: StudyOptions | None = None, refit: bool =
         raise ConfigError(f"jobs must be at least 1, got {options.jobs}.")
     if options.heartbeat_interval < 1 or options.grace_period <= options.heartbeat_interval:
         raise ConfigError("heartbeat_interval must be >= 1 s and grace_period longer than it.")
+    check_plan(plan)
     try:
         study = run_study(plan, options, refit)
     except Interrupted as stop:

@@ -93,6 +93,14 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_jobs() -> int:
     """Worker processes when ``--jobs`` is not given: one single-threaded worker per core on a CPU.
 
@@ -105,11 +113,19 @@ def default_jobs() -> int:
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         return 1
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): cores decide
-        memory = cpu_count() * WORKER_MEMORY_BYTES
-    return max(1, min(cpu_count(), memory // WORKER_MEMORY_BYTES))
+    return max_jobs()[0]
+
+
+def max_jobs() -> tuple[int, str]:
+    """The most worker processes this machine can hold, and why: one per core, :data:`WORKER_MEMORY_BYTES` each.
+
+    More workers than cores share the cores (no faster, measured); more than memory holds swap or
+    are killed by the OOM killer, mid-training.
+    """
+    cores, memory = cpu_count(), memory_bytes()
+    by_memory = cores if memory is None else max(1, memory // WORKER_MEMORY_BYTES)
+    gib = f"{memory / 1024**3:.0f} GiB of memory" if memory is not None else "memory unknown"
+    return min(cores, by_memory), f"{cores} core(s), {gib}, {WORKER_MEMORY_BYTES // 1024**3} GiB a worker"
 
 
 def study_name(plan: StudyPlan) -> str:
@@ -242,6 +258,10 @@ def _refit_cells(study: optuna.Study, plan: StudyPlan) -> list[Cell]:
 def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
     """Work the queue in this process (one job) or in ``jobs`` worker processes until it is empty."""
     jobs = options.jobs or default_jobs()
+    limit, why = max_jobs()
+    if jobs > limit:
+        say(f"--jobs {jobs} capped to {limit} ({why})")
+        jobs = limit
     if plan.kind != "search":  # a worker without a queued cell would only start and stop
         waiting = open_study(plan, options).get_trials(deepcopy=False, states=(TrialState.WAITING,))
         jobs = max(1, min(jobs, len(waiting)))

@@ -48,7 +48,7 @@ import yaml
 from jsonargparse import ArgumentError, Namespace
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from fmnist_lightning.config import RunCLI, nested
+from fmnist_lightning.config import RunCLI, check_numbers, first_line, nested
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.training import Config
 
@@ -267,9 +267,46 @@ class _Checker:
     def parse(self, overrides: Mapping[str, Any], what: str) -> Namespace:
         """The config with ``overrides`` merged, as the parser read it; a refusal is a ConfigError about ``what``."""
         try:
-            return self.run.parser.parse_object(nested(overrides), self.run.config)
+            cfg = self.run.parser.parse_object(nested(overrides), self.run.config)
         except ArgumentError as err:
             raise ConfigError(f"{what}: {' '.join(str(err).split())}") from None
+        try:
+            check_numbers(cfg)  # a sweep file's .nan or .inf, refused like one on the command line
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
+        return cfg
+
+    def instantiate(self, cfg: Namespace, what: str) -> None:
+        """Build the data module and the task (its network) of ``cfg``; a refusal is a ConfigError about ``what``."""
+        try:
+            # jsonargparse's instantiate_classes (its name in the releases the floors allow): builds the
+            # model, data, callbacks and logger, none of which touches the disk; the Trainer is not built.
+            self.run.parser.instantiate_classes(cfg)
+        except (ConfigError, ValueError, TypeError, RuntimeError) as err:
+            raise ConfigError(f"{what}: {first_line(err)}") from None
+
+
+def check_plan(plan: StudyPlan) -> None:
+    """Build every point's data module and network as its trainings will, before anything is queued.
+
+    The parser accepts each value on its own; the classes check what depends on the rest (folds
+    against the data, paddings against the image size, widths against the network...), about 0.2 s
+    a point on 2 cores. Each point is built on the first fold, the first point on the last fold too:
+    only the fold's index differs between folds. A search's points are drawn later; its bounds were
+    parsed with the file.
+
+    Raises:
+        ConfigError: Naming the point (and fold) and what its class refused.
+    """
+    checkers: dict[int, _Checker] = {}
+    folds = plan.folds()
+    for i, point in enumerate(plan.points):
+        base = point.base or plan.base
+        checker = checkers.get(id(base)) or checkers.setdefault(id(base), _Checker(base))
+        for fold in dict.fromkeys([folds[0], folds[-1]] if i == 0 else [folds[0]]):
+            cell = Cell(point, fold, plan.seeds[0])
+            what = f"{plan.kind} point {point.name or '(the config)'}" + (f", fold {fold}" if fold is not None else "")
+            checker.instantiate(checker.parse(plan.cell_overrides(cell), what), what)
 
 
 def plan_kfold(config: Config, num_folds: int | None, seeds: int | Sequence[int] = 1) -> StudyPlan:

@@ -12,7 +12,9 @@ with its parameters and user attributes. ``RDBStorage`` has heartbeats; ``Journa
 (optuna issue 6615), which :class:`HeartbeatJournalStorage` fills.
 """
 
+import importlib
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url  # SQLAlchemy is Optuna's dependency, and RDBStorage's engine
+from sqlalchemy.exc import ArgumentError
 
 from fmnist_lightning.errors import ConfigError
 
@@ -34,6 +38,12 @@ JOURNAL_FILE = "optuna.journal"
 HEARTBEAT_ATTR = "fmnist:heartbeat"
 #: How many times a trial whose worker died is queued again before it is left failed.
 MAX_RETRY = 3
+#: Optuna's journal lock: ``<journal>`` + this (``JournalFileSymlinkLock``; tests/test_study.py checks it).
+LOCK_SUFFIX = ".lock"
+#: A journal lock older than this when a command starts was left by a killed process (a write takes ms).
+STALE_LOCK_SECONDS = 10
+#: How to install the PostgreSQL driver the package is tested with (the ``postgres`` extra: psycopg2).
+POSTGRES_INSTALL = "pip install 'fmnist_lightning[postgres]' (psycopg2)"
 
 
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:
@@ -104,20 +114,27 @@ def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, 
         ConfigError: If the database cannot be reached or the journal cannot be written.
     """
     path = journal_path(storage, study_dir)
+    if path is not None and path.is_dir():
+        raise ConfigError(
+            f"--storage {storage} is a folder; give a journal file in it ({path / JOURNAL_FILE}) or a database URL."
+        )
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            break_stale_lock(path)
             repair_journal_tail(path)
             backend = JournalFileBackend(str(path))  # absolute: the lock's symlink must point somewhere real
         except OSError as err:
             raise ConfigError(f"cannot write the study journal {path} ({err.strerror or err}).") from err
         return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, retry_callback())
+    url = database_url(str(storage))
+    shown = make_url(str(storage)).render_as_string(hide_password=True)  # where, without the password
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 return RDBStorage(
-                    str(storage),
+                    url,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=retry_callback(),
@@ -129,8 +146,69 @@ def open_storage(storage: str | None, study_dir: Path, heartbeat_interval: int, 
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"cannot open the study storage {storage}: {type(err).__name__}: {first}") from err
+            if isinstance(err, ImportError):
+                raise ConfigError(
+                    f"cannot open the study storage {shown}: its database driver is not installed ({first}); "
+                    f"install it (PostgreSQL: {POSTGRES_INSTALL})."
+                ) from err
+            raise ConfigError(f"cannot open the study storage {shown}: {type(err).__name__}: {first}") from err
     raise AssertionError("unreachable")
+
+
+def database_url(storage: str) -> str:
+    """``storage`` with a PostgreSQL driver that is installed, when the URL names none.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, while the package's ``postgres``
+    extra installs psycopg2: the README's own ``postgresql://user@host/db`` would end in an
+    ImportError. Without a driver in the URL and without psycopg, psycopg2 is named
+    (``postgresql+psycopg2://``); with psycopg, or with a driver in the URL, the URL is kept as it is.
+
+    Raises:
+        ConfigError: If ``storage`` is not a database URL, or PostgreSQL has neither driver installed.
+    """
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError) as err:  # unparseable, or a port that is not a number
+        raise ConfigError(
+            f"--storage {storage} is not a database URL (dialect://user@host/database) nor a journal file path."
+        ) from err
+    if url.drivername != "postgresql" or _imports("psycopg"):
+        return storage
+    if _imports("psycopg2"):
+        return url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    raise ConfigError(
+        f"--storage {url.render_as_string(hide_password=True)}: PostgreSQL needs a driver, and neither psycopg2 "
+        f"nor psycopg is installed; {POSTGRES_INSTALL}."
+    )
+
+
+def _imports(module: str) -> bool:
+    """Whether ``module`` imports (psycopg without its C library is installed and still fails)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def break_stale_lock(path: Path) -> None:
+    """Remove a journal lock that a killed process left, with a line saying so.
+
+    Optuna's lock is a symbolic link ``<journal>.lock`` made for the moment of one write (a few
+    milliseconds); a process killed in that moment leaves it, and every other process then waits
+    until Optuna's own grace period (30 s without a write) breaks it. A lock older than
+    :data:`STALE_LOCK_SECONDS` when a command starts cannot belong to a live write: it goes at once.
+    """
+    lock = Path(f"{path}{LOCK_SUFFIX}")
+    try:
+        age = time.time() - lock.lstat().st_mtime  # the link's own time: when it was taken
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+        print(
+            f"[study] removed the lock {lock}, left {age:.0f} s ago by a process killed while writing", file=sys.stderr
+        )
 
 
 def repair_journal_tail(path: Path) -> None:
