@@ -136,7 +136,7 @@ def test_sigterm_to_a_sweep_with_two_workers_stops_them_and_the_rerun_completes(
     sweep = tmp_path / "grid.yaml"
     sweep.write_text("grid:\n  model.optimizer.init_args.lr: [0.01, 0.02]\n")
     cmd = [sys.executable, "-m", "fmnist_lightning", "sweep", *LINEAR, f"--sweep={sweep}", "--jobs=2"]
-    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=3", "--trainer.limit_train_batches=40")
+    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=2", "--trainer.limit_train_batches=30")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     study = tmp_path / "logs" / "linear"
     deadline = time.monotonic() + 120
@@ -147,7 +147,8 @@ def test_sigterm_to_a_sweep_with_two_workers_stops_them_and_the_rerun_completes(
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("fmnist_lightning: stopped by SIGTERM: the finished trainings")
     assert "Traceback" not in err
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
+    rerun = [*cmd, "--jobs=1"]  # the same study (--jobs is not part of it), without starting workers again
+    done = subprocess.run(rerun, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = next(study.rglob("results.csv")).read_text()
     assert results.count("\n") >= 3  # a header and both points
