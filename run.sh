@@ -4,7 +4,9 @@
 #   bash run.sh test    run the quick test suite (what .ci/run runs first; `-m slow` are the rest)
 #   bash run.sh setup   only install (dataset, virtual environment, package)
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC (the torch/torchvision
-# requirement installed first; default the CPU/GPU wheels this project is tested with).
+# requirement installed first; default the versions this project is tested with), TORCH_INDEX (an
+# extra package index for them; default PyTorch's CPU-only wheels where nvidia-smi is absent, none
+# where it is: the CUDA wheels of PyPI are gigabytes a CPU never uses).
 set -euo pipefail
 cd "$(dirname "$0")"
 job=${1:-}
@@ -45,8 +47,25 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
+# torch: where there is no NVIDIA GPU, PyPI's default Linux wheels would bring gigabytes of CUDA
+# libraries, so PyTorch's CPU-only index is added (as an extra index: its +cpu builds win where it is
+# reachable; where it is not, the usual indexes, local ones included, as with a GPU).
+if [ -z "${TORCH_INDEX+set}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then TORCH_INDEX=""; else TORCH_INDEX=https://download.pytorch.org/whl/cpu; fi
+fi
+torch_index=()
+if [ -n "$TORCH_INDEX" ]; then
+  if "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=10)' \
+    "$TORCH_INDEX" 2>/dev/null; then
+    echo "run.sh: no NVIDIA GPU (nvidia-smi not found): CPU-only torch wheels from $TORCH_INDEX" >&2
+    torch_index=(--extra-index-url "$TORCH_INDEX")
+  else
+    echo "run.sh: no NVIDIA GPU (nvidia-smi not found), but $TORCH_INDEX cannot be reached: torch from pip's usual indexes" >&2
+  fi
+fi
 # shellcheck disable=SC2086
-"$PY" -m pip install -q $TORCH_SPEC
+"$PY" -m pip install -q "${torch_index[@]}" $TORCH_SPEC
+"$PY" -c 'import torch; print(f"run.sh: torch {torch.__version__}, built for", f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only")' >&2
 "$PY" -m pip install -q -e ".[test]"
 
 # 3. The job.

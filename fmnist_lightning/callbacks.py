@@ -1,6 +1,8 @@
 """Callbacks the CLI adds besides Lightning's own."""
 
+import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +12,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.tensorboard.summary import hparams
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import summary_v2
 
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import ConfigError, DataError
@@ -208,30 +211,94 @@ class MetricsHistory(Callback):
         append_history(run_dir, row)
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Nested hyper-parameters as ``a/b/c`` keys with values TensorBoard's HParams can show.
+#: The HParams columns, in the order TensorBoard lists them: (column, what it shows, its domain).
+#: TensorBoard sorts the columns by their name and shows the first five by default, so each name
+#: starts with its rank; the table and the filters show the display name (the text after the rank).
+#: Only what a person tunes: the task's and the data module's other arguments (``_instantiator``,
+#: folders, an optimizer's ``foreach``/``capturable`` flags...) are in the run's ``config.yaml``.
+HPARAM_COLUMNS: tuple[tuple[str, str, summary_v2.Domain | None], ...] = tuple(
+    (f"{rank:02d}_{name}", name, domain)
+    for rank, (name, domain) in enumerate(
+        [
+            ("model", None),
+            ("optimizer", None),
+            ("optimizer/lr", None),
+            ("batch_size", None),
+            ("epochs", None),
+            ("model/args", None),
+            ("optimizer/weight_decay", None),
+            ("lr_scheduler", None),
+            ("augment", summary_v2.Discrete([False, True])),
+            ("hflip_prob", None),
+            ("crop_padding", None),
+            ("rotation_degrees", None),
+            ("erasing_prob", None),
+            ("label_smoothing", None),
+            ("tta_flip", summary_v2.Discrete([False, True])),
+            ("precision", None),
+            ("seed", None),
+        ],
+        start=1,
+    )
+)
+#: Model arguments the data fixes rather than a person: left out of ``model/args``.
+_DATA_FIXED_MODEL_ARGS = ("num_classes", "in_channels", "image_size")
 
-    Numbers, strings and booleans stay as they are; anything else (lists, None, objects) is shown as text.
+
+def tuned_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, bool | float | str]:
+    """The run's values of the :data:`HPARAM_COLUMNS` (display name -> value) it has.
+
+    Read from the objects the fit built (the optimizer, the scheduler, the network), so a run
+    configured in Python has them as well as one from the CLI; ``model/args`` comes from the CLI's
+    ``init_args`` (a network built in Python has none to show). Lists are shown as text.
     """
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, f"{name}/")
-        elif isinstance(value, bool | int | float | str):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+    values: dict[str, bool | float | str] = {}
+    network = getattr(pl_module, "model", pl_module)
+    values["model"] = getattr(network, "name", None) or type(network).__name__
+    model_config = pl_module.hparams.get("model")
+    if isinstance(model_config, Mapping):
+        args = {k: v for k, v in (model_config.get("init_args") or {}).items() if k not in _DATA_FIXED_MODEL_ARGS}
+        values["model/args"] = " ".join(f"{k}={_text(v)}" for k, v in args.items() if v is not None)
+    if trainer.optimizers:
+        optimizer = trainer.optimizers[0]
+        values["optimizer"] = type(optimizer).__name__
+        for key in ("lr", "weight_decay"):  # the constructed values, before any scheduler changes lr
+            if isinstance(optimizer.defaults.get(key), int | float):
+                values[f"optimizer/{key}"] = float(optimizer.defaults[key])
+    configs = trainer.lr_scheduler_configs
+    values["lr_scheduler"] = type(configs[0].scheduler).__name__ if configs else "none"
+    data = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
+    for key in ("batch_size", "augment", "hflip_prob", "crop_padding", "rotation_degrees", "erasing_prob"):
+        if key in data:
+            values[key] = data[key]
+    for key in ("label_smoothing", "tta_flip"):
+        if key in pl_module.hparams:
+            values[key] = pl_module.hparams[key]
+    if trainer.max_epochs is not None:
+        values["epochs"] = trainer.max_epochs
+    values["precision"] = str(trainer.precision)
+    if os.environ.get("PL_GLOBAL_SEED", "").isdigit():  # what seed_everything seeded this process with
+        values["seed"] = int(os.environ["PL_GLOBAL_SEED"])
+    return {k: v if isinstance(v, bool | str) else float(v) for k, v in values.items() if v is not None}
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
 
 
 class HParamsLogger(Callback):
-    """TensorBoard's HParams view: each run's hyper-parameters with its best ``val/acc`` and ``val/loss``.
+    """TensorBoard's HParams view: each run's tuned hyper-parameters with its best ``val/acc`` and ``val/loss``.
 
-    At the start of a new run, writes the hyper-parameters (the task's and the data module's,
-    flattened) with the metrics ``hp/best_val_acc``, ``hp/best_val_loss`` and ``hp/test_acc``;
-    after each validation epoch logs the best values so far, and ``test`` (into the same run folder)
-    logs ``hp/test_acc``. Lightning's own ``hp_metric = -1`` is switched off by the CLI.
+    At the start of a new run, writes the run's values of :data:`HPARAM_COLUMNS` with the metrics
+    ``hp/best_val_acc``, ``hp/best_val_loss`` and ``hp/test_acc``; after each validation epoch logs
+    the best values so far, and ``test`` (into the same run folder) logs ``hp/test_acc``.
+    Lightning's own ``hp_metric = -1`` is switched off by the CLI.
+
+    TensorBoard takes the table's columns from one experiment summary found in the log folder (any
+    run's, when there are several) and leaves out every value under another name: a summary with a
+    sweep's own keys once left every other run's row empty. Every run writes the same summary (the
+    fixed columns, not its own keys), so whichever is picked describes them all: a run lacking a
+    value has an empty cell, and runs of different models share one table.
     """
 
     METRICS = ("hp/best_val_acc", "hp/best_val_loss", "hp/test_acc")
@@ -252,20 +319,25 @@ class HParamsLogger(Callback):
     def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
         return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
+    @staticmethod
+    def experiment_summary() -> summary_pb2.Summary:
+        """The HParams experiment every run writes: :data:`HPARAM_COLUMNS` and the three metrics, metrics in order."""
+        columns = [summary_v2.HParam(name, domain, display_name=shown) for name, shown, domain in HPARAM_COLUMNS]
+        metrics = [summary_v2.Metric(tag) for tag in HParamsLogger.METRICS]
+        return summary_v2.hparams_config_pb(columns, metrics)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the hyper-parameters of a new run (a resumed run has them already)."""
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero or trainer.ckpt_path:
             return
-        params: dict[str, Any] = {**pl_module.hparams}
-        if trainer.datamodule is not None:
-            params |= {f"data/{k}": v for k, v in trainer.datamodule.hparams.items()}
-        params |= {"trainer/max_epochs": trainer.max_epochs, "trainer/precision": trainer.precision}
-        params = {k: v for k, v in flatten(params).items() if not k.endswith(("_dir", "/download", "/num_workers"))}
-        # Written by hand rather than through logger.log_hyperparams, which would log placeholder
-        # values at step 0 that the HParams view would show until the first validation.
-        exp, ssi, sei = hparams(params, dict.fromkeys(self.METRICS, 0.0))
-        for summary in (exp, ssi, sei):
+        names = {shown: name for name, shown, _ in HPARAM_COLUMNS}
+        values = {names[k]: v for k, v in tuned_hparams(trainer, pl_module).items()}
+        # trial_id "": the row is named after the run folder (TensorBoard's run name) and is the
+        # run's alone; the default, a hash of the values, would merge runs with the same values.
+        # Written by hand rather than through logger.log_hyperparams, which would log every
+        # hyper-parameter and placeholder metric values at step 0.
+        for summary in (self.experiment_summary(), summary_v2.hparams_pb(values, trial_id="")):
             logger.experiment.file_writer.add_summary(summary)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

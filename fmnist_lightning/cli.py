@@ -25,7 +25,7 @@ from jsonargparse import ArgumentParser
 from fmnist_lightning import compare, config, studies, training
 from fmnist_lightning.config import DEBUG_ENV, PROG, ConfigParser, RunCLI, first_line
 from fmnist_lightning.errors import FashionMNISTError
-from fmnist_lightning.export import export_checkpoint
+from fmnist_lightning.export import export_checkpoint, run_checkpoint
 from fmnist_lightning.signals import Interrupted, stop_on_signals
 
 
@@ -131,7 +131,9 @@ def _study_arguments(parser: ArgumentParser) -> None:
 
 
 def _sweep_arguments(parser: ArgumentParser) -> None:
-    parser.add_argument("--sweep", type=str, required=True, help="The sweep file (configs/sweeps/*.yaml).")
+    parser.add_argument(
+        "--sweep", type=str, required=True, help="The sweep file, or the name of a shipped one (configs/sweeps/*.yaml)."
+    )
     parser.add_argument(
         "--refit", action="store_true", help="Then train the best point (every ablation arm) and test it."
     )
@@ -157,9 +159,8 @@ def _study(argv: list[str], prog: str, kind: str) -> Path:
             base, options["num_folds"], 1 if options["seeds"] is None else options["seeds"], session
         )
     else:
-        out = studies.run_sweep(
-            base, options["sweep"], options["num_folds"], options["seeds"], session, options["refit"]
-        )
+        sweep = config.shipped_config(options["sweep"], "--sweep", "sweeps")  # a path, or a shipped sweep's name
+        out = studies.run_sweep(base, sweep, options["num_folds"], options["seeds"], session, options["refit"])
     print((out / "results.md").read_text())
     print(f"Written to {out}/")
     return out
@@ -185,7 +186,18 @@ def _compare(argv: list[str], prog: str) -> Path:
 
 def _export(argv: list[str], prog: str) -> Path:
     parser = _tool_parser(prog, SUBCOMMANDS["export"].help)
-    parser.add_argument("--ckpt_path", type=str, required=True, help="A checkpoint written by fit.")
+    parser.add_argument(
+        "--config",
+        type=str | None,
+        default=None,
+        help="The run's config (a file, or a shipped config's name), to find --ckpt_path best or last as test does.",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        type=str,
+        required=True,
+        help="`best` or `last` (the latest run of --config's name) or a checkpoint written by fit.",
+    )
     parser.add_argument("--format", type=Literal["onnx", "torchscript"], default="onnx", help="Export format.")
     parser.add_argument(
         "--output", type=str | None, default=None, help="File to write (default: the checkpoint's name, new suffix)."
@@ -194,7 +206,8 @@ def _export(argv: list[str], prog: str) -> Path:
         "--tta_flip", type=bool | None, default=None, help="Build in flip averaging (default: as the checkpoint)."
     )
     cfg = parser.parse_args(argv)
-    path = export_checkpoint(cfg.ckpt_path, cfg.format, cfg.output, cfg.tta_flip)
+    ckpt_path = run_checkpoint(cfg.ckpt_path, cfg.config, prog)
+    path = export_checkpoint(ckpt_path, cfg.format, cfg.output, cfg.tta_flip)
     print(f"Exported ({cfg.format}, raw [0, 1] grey (B, 1, 28, 28) in, logits out): {path}")
     return path
 

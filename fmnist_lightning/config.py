@@ -11,6 +11,7 @@ Configuration keys: ``model`` (:class:`ClassificationTask`), ``data`` (:class:`F
 ``ckpt_path``. ``--print_config`` shows the whole of it.
 """
 
+import argparse
 import copy
 import json
 import logging
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from torch import nn
 
+from fmnist_lightning import models
 from fmnist_lightning.callbacks import (
     EarlyStopping,
     EpochTimer,
@@ -42,6 +45,7 @@ from fmnist_lightning.errors import CheckpointError, ConfigError, FashionMNISTEr
 from fmnist_lightning.evaluation import EpochMetrics
 from fmnist_lightning.io import unused_path
 from fmnist_lightning.precision import resolve_precision
+from fmnist_lightning.progress import EpochSummary
 from fmnist_lightning.report import TestReport
 from fmnist_lightning.runs import (
     check_plain_file_name,
@@ -58,6 +62,65 @@ CKPT_HELP = (
     "fit: `last` (the latest run of this name) or a checkpoint of a run, to resume it in place; "
     "validate/test/predict: `best`, `last` or a checkpoint's path, evaluated in its run's folder."
 )
+
+#: The package's networks, the choices ``--help`` shows for ``--model.model`` (any nn.Module class_path works).
+MODEL_CHOICES = tuple(
+    name
+    for name in models.__all__
+    if isinstance(getattr(models, name), type) and issubclass(getattr(models, name), nn.Module)
+)
+MODEL_HELP = (
+    f"The network: one of {', '.join(MODEL_CHOICES)} (fmnist_lightning.models; ConvNet also by preset: "
+    f"{', '.join(models.PRESETS)}), or the class_path of any importable nn.Module. "
+    "`--model.model.help TinyVGG` lists a network's arguments."
+)
+OPTIMIZER_HELP = (
+    "Builds the optimizer, a torch.optim class by name or class_path (default: Adam, lr 1e-3); also "
+    "`--optimizer SGD --optimizer.lr 0.1`. `--model.optimizer.help SGD` lists its arguments."
+)
+SCHEDULER_HELP = (
+    "Builds the learning-rate scheduler, a torch.optim.lr_scheduler class by name or class_path (default: "
+    "none, a constant rate); also `--lr_scheduler StepLR --lr_scheduler.step_size 5`. "
+    "`--model.lr_scheduler.help StepLR` lists its arguments."
+)
+#: The package's own help for options whose help would otherwise be another package's docstring.
+OPTION_HELP = {
+    "model.model": MODEL_HELP,
+    "model.optimizer": OPTIMIZER_HELP,
+    "model.lr_scheduler": SCHEDULER_HELP,
+    "ckpt_path": CKPT_HELP,
+    "trainer.limit_train_batches": "Training batches per epoch: an int counts batches, a float is a fraction.",
+    "trainer.precision": "32-true, 16-mixed, bf16-mixed... (bf16 without CPU support: see --bf16_fallback).",
+}
+#: What ``--help`` says before the options (see :class:`RunHelpFormatter`).
+HELP_DESCRIPTION = (
+    "Each option is also a key of a --config YAML file (--print_config shows them all, set). A class "
+    "option X takes a name or class_path, and --X.help NAME lists its arguments; --GROUP CONFIG reads a "
+    "group (--trainer, --data...) from a file."
+)
+#: jsonargparse's help of each group's own config file option (``--trainer CONFIG``...).
+GROUP_CONFIG_HELP = "Path to a configuration file."
+#: Lightning's own groups, whose options --help names, showing only :data:`KEY_OPTIONS` in full.
+COMPACT_GROUPS = ("trainer.", "checkpoint.", "early_stopping.", "lr_monitor.")
+KEY_OPTIONS = frozenset(
+    {
+        "trainer.max_epochs",
+        "trainer.accelerator",
+        "trainer.devices",
+        "trainer.precision",
+        "trainer.fast_dev_run",
+        "trainer.limit_train_batches",
+        "trainer.logger",
+        "trainer.callbacks",
+        "checkpoint.monitor",
+        "checkpoint.save_top_k",
+        "early_stopping.enabled",
+        "early_stopping.monitor",
+        "early_stopping.patience",
+    }
+)
+#: How long an option's help may be in ``--help`` (its first sentence, cut at a word).
+HELP_CHARS = 80
 
 
 #: Set by the command line's ``--debug`` for the command it runs.
@@ -114,6 +177,9 @@ def trainer_defaults() -> dict[str, Any]:
             "init_args": {"save_dir": "lightning_logs", "name": None, "default_hp_metric": False},
         },
         "callbacks": [HParamsLogger(), MetricsHistory()],
+        # Lightning's table of every module (with a FLOPs column of zeros on a CPU): the epoch summary's
+        # header names the network and its parameters instead; --trainer.enable_model_summary true shows it.
+        "enable_model_summary": False,
     }
 
 
@@ -138,6 +204,89 @@ class RunConfigSaver(SaveConfigCallback):
             if isinstance(callback, TestReport):
                 callback.config = self.parser.dump(self.config, skip_none=False)
         super().setup(trainer, pl_module, stage)
+
+
+class RunHelpFormatter(DefaultHelpFormatter):
+    """``--help`` a person reads (under 300 lines): a one-line usage, each option once, briefly.
+
+    jsonargparse's own help lists every option twice (usage, then options), each with the whole first
+    paragraph of its docstring, its type and, for class types, every subclass imported in the process:
+    over 1,600 lines for ``fit``, 600 of them ``nn.Module`` subclasses of torch, torchvision and
+    torchmetrics. Here each option is a plain ``argparse.Action`` built from its public attributes,
+    with its first sentence and default, or the package's own text (:data:`OPTION_HELP`: the
+    package's networks as the choices of ``--model.model``, what ``--ckpt_path best|last`` means).
+    Lightning's own groups (:data:`COMPACT_GROUPS`: the Trainer, ModelCheckpoint, EarlyStopping,
+    LearningRateMonitor), documented by Lightning, show their most used options in full
+    (:data:`KEY_OPTIONS`) and the rest by name. Parsing is unchanged: every option and any importable
+    class_path still work, and ``--model.model.help TinyVGG`` shows a class's arguments.
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 6, width: int | None = None
+    ) -> None:
+        # Each help starts on the line below its option, indented a little: a help takes one full
+        # line, where argparse's column 24 wrapped it into two or three.
+        super().__init__(prog, indent_increment, max_help_position, width)
+        self.names_only: list[str] = []  # the options of a compact group, listed at the section's end
+
+    def add_usage(self, usage: str | None, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        """One line: ``usage: PROG [options]`` (the options follow, each once)."""
+        super().add_usage(usage or "%(prog)s [options]", [], [], prefix)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        """Add ``action`` as a plain action with a short help, or by name only (see the class docstring).
+
+        Left out, as the description says once for all: the ``--X.help CLASS`` option of each
+        class-typed option but ``--model.model.help``, each group's ``--GROUP CONFIG`` (a file for the
+        group), and the links between options (the class names the data module hands to the
+        callbacks), which are not options.
+        """
+        first = str(next(iter(action.option_strings), ""))
+        if (
+            action.help == argparse.SUPPRESS
+            or not first.startswith("-")  # a link
+            or (action.dest.endswith(".help") and action.dest != "model.model.help")
+            or (action.dest != "config" and action.help == GROUP_CONFIG_HELP)
+        ):
+            return
+        if action.dest.startswith(COMPACT_GROUPS) and action.dest not in KEY_OPTIONS:
+            self.names_only.append(first)
+            return
+        if action.dest == "model.model.help":
+            text = "Show the arguments of a network and exit, e.g. `--model.model.help TinyVGG`."
+        else:
+            text = OPTION_HELP.get(action.dest) or short_help(action.help)
+        default = action.default
+        shown = isinstance(default, bool | int | float | str) and action.nargs != 0
+        plain = argparse.Action(
+            action.option_strings,
+            action.dest,
+            nargs=action.nargs,
+            default=default if shown else argparse.SUPPRESS,
+            choices=action.choices,
+            required=action.required,
+            help=text.replace("%", "%%"),
+            metavar=action.metavar,
+        )
+        super().add_argument(plain)
+
+    def end_section(self) -> None:
+        """End a group, naming the options of a compact group that were not shown in full."""
+        if self.names_only:
+            self.add_text(f"Also: {', '.join(self.names_only)} (see Lightning's documentation of the class).")
+            self.names_only = []
+        super().end_section()
+
+
+def short_help(text: str | None) -> str:
+    """The first sentence of an option's help, at most :data:`HELP_CHARS` long (cut at a word)."""
+    text = " ".join((text or "").split())
+    if text.startswith("%"):  # jsonargparse's own templates (--print_config...)
+        return text
+    sentence = re.split(r"(?<=[a-z0-9)`'\"][.;])\s", text, maxsplit=1)[0].rstrip(";")
+    if len(sentence) > HELP_CHARS:
+        sentence = sentence[:HELP_CHARS].rsplit(" ", 1)[0] + "..."
+    return sentence
 
 
 class ConfigParser(LightningArgumentParser):
@@ -273,6 +422,74 @@ def check_numbers(cfg: Namespace) -> None:
         )
 
 
+#: The configs shipped with the package (``configs/`` of the source tree, package data of a wheel).
+CONFIG_DIRS = (Path(__file__).parent / "configs", Path(__file__).parent.parent / "configs")
+
+
+def shipped_configs(kind: str = "") -> dict[str, Path]:
+    """The shipped configs by name (``tinyvgg`` -> ``.../configs/tinyvgg.yaml``); ``kind="sweeps"`` the sweep files.
+
+    A wheel holds them as package data in ``fmnist_lightning/configs/``; a source checkout (an
+    editable install) has them in ``configs/`` beside the package. The first that exists is used.
+    """
+    folder = next((d / kind for d in CONFIG_DIRS if (d / kind).is_dir()), None)
+    return {} if folder is None else {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def shipped_config(name: str, option: str = "--config", kind: str = "") -> str:
+    """``name`` itself if it is a path (or inline YAML), else the shipped config of that name.
+
+    So ``--config tinyvgg`` works from any folder and from an installed wheel, where
+    ``configs/tinyvgg.yaml`` is not at hand; an existing file or folder of that name comes first.
+
+    Raises:
+        ConfigError: For a bare name that is neither a file nor a shipped config, listing the names.
+    """
+    if Path(name).exists() or not re.fullmatch(r"[\w.-]+", name) or name.endswith((".yaml", ".yml", ".json")):
+        return name
+    configs = shipped_configs(kind)
+    if name in configs:
+        return str(configs[name])
+    raise ConfigError(
+        f"{option} {name}: no such file, nor a shipped config of that name; the shipped ones are "
+        f"{', '.join(configs) or 'missing from this installation'}."
+    )
+
+
+def shipped_config_args(args: Sequence[str]) -> list[str]:
+    """A command line with each ``--config NAME`` of a shipped config spelled as its path (:func:`shipped_config`)."""
+    out = [str(a) for a in args]
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
+        elif arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = shipped_config(out[i + 1])
+    return out
+
+
+#: LightningCLI's ``--optimizer``/``--lr_scheduler`` options, as the task's options they stand for.
+SHORTCUTS = {"optimizer": "model.optimizer", "lr_scheduler": "model.lr_scheduler"}
+
+
+def shortcut_args(args: Sequence[str]) -> list[str]:
+    """A command line with LightningCLI's shortcuts spelled as the task's options.
+
+    ``--optimizer SGD --optimizer.lr 0.1`` becomes ``--model.optimizer SGD --model.optimizer.lr 0.1``
+    (``--lr_scheduler...`` likewise): the task takes its optimizer and scheduler as callables
+    (``--model.optimizer``), so LightningCLI's own options for them do not exist here, but the
+    spelling its users know still works, and the saved config holds the one true key.
+    """
+    out = []
+    for arg in args:
+        arg = str(arg)
+        for short, full in SHORTCUTS.items():
+            if arg == f"--{short}" or arg.startswith((f"--{short}.", f"--{short}=")):
+                arg = f"--{full}{arg[len(short) + 2 :]}"
+                break
+        out.append(arg)
+    return out
+
+
 def nested(overrides: Mapping[str, Any]) -> Namespace:
     """Dotted keys (``model.optimizer.init_args.lr``) as the nested namespace a parser merges."""
     out = Namespace()
@@ -320,7 +537,7 @@ class RunCLI(LightningCLI):
         self.stage, self.build, self.overrides = stage, build, dict(overrides or {})
         self.checkpoint: dict[str, Any] | None = None
         self.resumes_run = False
-        description = __doc__.splitlines()[0]
+        description = HELP_DESCRIPTION
         HELD_INFO.hold()  # "Seed set to 42", "GPU available"...: said once the run starts, not before its error
         try:
             super().__init__(
@@ -336,6 +553,7 @@ class RunCLI(LightningCLI):
                     "prog": prog or f"{PROG} {stage}",
                     "description": description,
                     "exit_on_error": exit_on_error,
+                    "formatter_class": RunHelpFormatter,
                 },
                 args=args,  # type: ignore[arg-type]
                 run=False,
@@ -357,7 +575,10 @@ class RunCLI(LightningCLI):
         parser.given = args if is_object else list(args)  # for the parser's errors (see explain)
         # A copy: jsonargparse turns a dict's nested class dicts (callbacks...) into namespaces in place,
         # which would change a study's plan (its folder's hash) after its first training.
-        config = parser.parse_object(copy.deepcopy(args)) if is_object else parser.parse_args(list(args))
+        if not is_object:
+            args = shortcut_args(shipped_config_args(args))
+            parser.given = args
+        config = parser.parse_object(copy.deepcopy(args)) if is_object else parser.parse_args(args)
         if self.overrides:
             parser.given = self.overrides
             # The base positionally: it is `cfg_base` in jsonargparse 4.40, `namespace` in later releases.
@@ -505,11 +726,18 @@ HELD_INFO = HeldLightningInfo()
 
 
 class ReleaseHeldInfo(Callback):
-    """Print Lightning's held INFO lines when the Trainer starts its job; drop them if it fails first."""
+    """Lightning's held INFO lines when the Trainer starts its job: printed under ``--debug``, else dropped.
+
+    The epoch lines' header (:class:`~fmnist_lightning.progress.EpochSummary`) says the device,
+    the precision and the seed in one line; Lightning's own lines are there when asked for.
+    """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The run starts: what building it printed is worth seeing now."""
-        HELD_INFO.release()
+        """The run starts: print what building it said (``--debug``) or forget it."""
+        if debugging():
+            HELD_INFO.release()
+        else:
+            HELD_INFO.drop()
 
     on_validation_start = on_test_start = on_predict_start = on_fit_start
 
@@ -536,6 +764,7 @@ def add_run_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
     parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
     parser.add_lightning_class_args(EpochTimer, "epoch_timer")
+    parser.add_lightning_class_args(EpochSummary, "epoch_summary")
     parser.add_lightning_class_args(EpochMetrics, "epoch_metrics")
     parser.add_lightning_class_args(TestReport, "test_report")
     for key in ("epoch_metrics", "test_report", "prediction_writer"):  # class names declared once: the data's

@@ -38,16 +38,50 @@ def safe_tag(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def per_class_tag(stage: str, metric: str, class_name: str) -> str:
+    """The TensorBoard tag of a class's metric: ``val_per_class/f1/T-shirt_top``.
+
+    TensorBoard groups scalars by the tag's first part: per-class metrics (30 of them) get a group
+    of their own, so that ``val`` holds the run-level ``val/acc``, ``val/loss`` and ``val/f1``.
+    """
+    return f"{stage}_per_class/{metric}/{safe_tag(class_name)}"
+
+
+def _plot_confusion(ax: Any, confmat: Tensor, class_names: Sequence[str], percent: bool, title: str) -> None:
+    """Counts, or each true class's row as a percentage of it (its recall on the diagonal), on ``ax``."""
+    metric = MulticlassConfusionMatrix(len(class_names))
+    if percent:
+        normalised = confmat.float() / confmat.sum(dim=1, keepdim=True).clamp_min(1)
+        metric.plot(val=(normalised * 1000).round() / 10, ax=ax, labels=list(class_names))
+        ax.set_title(f"{title}: % of each true class")
+    else:
+        metric.plot(val=confmat, ax=ax, labels=list(class_names))
+        ax.set_title(f"{title}: counts")
+
+
 def confusion_figure(confmat: Tensor, class_names: Sequence[str], title: str) -> Figure:
-    """Counts and row-normalised (recall per true class) confusion matrices side by side."""
+    """Counts and row-normalised (recall per true class) confusion matrices side by side (the report's PNG)."""
     fig = Figure(figsize=(20, 9), layout="constrained")
     ax_counts, ax_norm = fig.subplots(1, 2)
-    metric = MulticlassConfusionMatrix(len(class_names))
-    metric.plot(val=confmat, ax=ax_counts, labels=list(class_names))
-    normalised = confmat.float() / confmat.sum(dim=1, keepdim=True).clamp_min(1)
-    metric.plot(val=(normalised * 1000).round() / 10, ax=ax_norm, labels=list(class_names))
-    ax_counts.set_title(f"{title}: counts")
-    ax_norm.set_title(f"{title}: % of each true class")
+    _plot_confusion(ax_counts, confmat, class_names, False, title)
+    _plot_confusion(ax_norm, confmat, class_names, True, title)
+    return fig
+
+
+def confusion_panel(confmat: Tensor, class_names: Sequence[str], title: str, percent: bool = False) -> Figure:
+    """One confusion matrix (counts, or % of each true class), sized for TensorBoard's image card.
+
+    TensorBoard scales an image down to its card (a few hundred pixels wide by default): the
+    two-panel :func:`confusion_figure` (2000 pixels wide) became unreadable there, while one panel
+    of 500 x 460 pixels keeps its class names and cell values legible at about 350 pixels wide.
+    """
+    fig = Figure(figsize=(5, 4.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    _plot_confusion(ax, confmat, class_names, percent, title)
+    for text in ax.texts:  # torchmetrics' cell values are drawn for a bigger figure: "1000" would spill over
+        text.set_fontsize(10)
+    for label in (ax.xaxis.label, ax.yaxis.label):  # 15 points: more of the picture for the matrix
+        label.set_fontsize(11)
     return fig
 
 
@@ -139,8 +173,9 @@ def add_figure(trainer: Trainer, tag: str, fig: Figure) -> None:
 class EpochMetrics(Callback):
     """The confusion matrix and per-class metrics of every validation epoch and of the test.
 
-    Logs the confusion matrix (counts and row-normalised) as a TensorBoard figure, and per-class
-    precision, recall and F1 as scalars (``val/f1/T-shirt_top``, ``test/recall/Bag``...). The
+    Logs the confusion matrix as two TensorBoard images (``val/confusion_matrix``, counts, and
+    ``val/confusion_matrix_pct``, % of each true class), and per-class precision, recall and F1 as
+    scalars in their own group (``val_per_class/f1/T-shirt_top``, ``test_per_class/recall/Bag``...). The
     metric states are synchronised across processes under DDP; figures are drawn on rank 0.
 
     Args:
@@ -222,7 +257,8 @@ class EpochMetrics(Callback):
             for metric in ("precision", "recall", "f1"):
                 for name, value in zip(self.class_names, results[metric], strict=True):
                     # Already synchronised by torchmetrics; sync_dist keeps Lightning from warning.
-                    pl_module.log(f"{stage}/{metric}/{safe_tag(name)}", value, on_epoch=True, sync_dist=True)
+                    pl_module.log(per_class_tag(stage, metric, name), value, on_epoch=True, sync_dist=True)
         if self.confusion_matrix and trainer.is_global_zero:
-            fig = confusion_figure(results["confmat"].cpu(), self.class_names, f"{stage} epoch {trainer.current_epoch}")
-            add_figure(trainer, f"{stage}/confusion_matrix", fig)
+            confmat, title = results["confmat"].cpu(), f"{stage} epoch {trainer.current_epoch}"
+            for tag, percent in ((f"{stage}/confusion_matrix", False), (f"{stage}/confusion_matrix_pct", True)):
+                add_figure(trainer, tag, confusion_panel(confmat, self.class_names, title, percent))

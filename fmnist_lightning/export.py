@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fmnist_lightning.config import RunCLI
 from fmnist_lightning.data import NORMALIZATIONS
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.inference import load_task
@@ -274,6 +275,28 @@ def _write_new(output: Path, data: bytes) -> Path:
             "or give another --output."
         ) from err
     return target
+
+
+def run_checkpoint(ckpt_path: str, config: str | None = None, prog: str | None = None) -> str:
+    """The checkpoint ``ckpt_path`` names: ``best``/``last`` of a config's latest run, or a path as given.
+
+    ``best`` and ``last`` are resolved exactly as ``test`` resolves them (the latest run of the
+    config's name, never an older run in its place), by parsing the config as ``test`` would.
+
+    Raises:
+        ConfigError: For ``best`` or ``last`` without a config.
+        CheckpointError: If the latest run of the config's name has no such checkpoint.
+        SystemExit: For a config the parser refuses (one line on stderr).
+    """
+    if config is None:
+        if ckpt_path in ("best", "last"):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} needs --config (the config whose latest run to export), "
+                "or give a checkpoint's path."
+            )
+        return ckpt_path
+    args = ["--config", config, "--ckpt_path", ckpt_path]
+    return str(RunCLI(args, stage="test", build=False, prog=prog).config.ckpt_path)
 
 
 def export_checkpoint(

@@ -143,13 +143,14 @@ class ClassificationTask(LightningModule):
                 prog_bar=stage == "val",
                 sync_dist=True,
             )
-            self.log_dict(metrics, on_step=False, on_epoch=True)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         # Callbacks (confusion matrix, report) read the logits from the step's output.
         return {"loss": loss, "logits": logits.detach(), "targets": y}
 
     def _log_train_epoch(self) -> None:
         """Log the epoch's mean training loss and the training metrics (updated every step)."""
-        self.log("train/loss", self._train_loss_sum / self._train_count, on_step=False, on_epoch=True, sync_dist=True)
+        loss = self._train_loss_sum / self._train_count
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         self._train_count = 0
 

@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -116,8 +117,13 @@ class EvaluationResult:
 
 
 class _NoAdverts(logging.Filter):
+    """Lightning's advert, and its note on loading the data to count a one-cycle schedule's steps."""
+
+    NOISE = ("litlogger", "to estimate number of stepping batches")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
 
 
 def quiet_lightning() -> None:
@@ -135,9 +141,26 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel."""
+    return "ipykernel" in sys.modules
+
+
+def _mentions(config: Config, overrides: Mapping[str, Any] | None, word: str) -> bool:
+    """Whether the caller set an option whose key holds ``word`` (on its command line or in its overrides)."""
+    given = list(overrides or {})
+    if isinstance(config, Sequence) and not isinstance(config, str):
+        given += [str(a) for a in config]
+    return any(word in key for key in given)
+
+
 def build(config: Config, stage: str = "fit", overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> RunCLI:
     """Parse, check and build a run without running it (see :class:`~fmnist_lightning.config.RunCLI`)."""
     quiet_lightning()
+    if in_notebook() and not _mentions(config, overrides, "enable_progress_bar"):
+        # A notebook keeps every redraw of a progress bar in its outputs (hundreds of KB a fit); the
+        # epoch lines (fmnist_lightning.progress) say the same once an epoch.
+        overrides = {**(overrides or {}), "trainer.enable_progress_bar": False}
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs on GPUs that have them
     return RunCLI(config, stage=stage, overrides=overrides, **kwargs)
@@ -298,7 +321,8 @@ def _claim_version(run: RunCLI) -> tuple[Path, list[Path]] | None:
     if init is None or init.get("version") is not None or not run.trainer.is_global_zero:
         return None
     run_dir, created = claim_run_dir(Path(logger.root_dir))
-    run.trainer.logger = type(logger)(**{**init.as_dict(), "version": run_dir.name})
+    version = int(run_dir.name.removeprefix("version_"))  # an int, as Lightning numbers it (v_num in the bar)
+    run.trainer.logger = type(logger)(**{**init.as_dict(), "version": version})
     return run_dir, created
 
 

@@ -210,3 +210,94 @@ def test_resolve_precision_touches_only_bf16_on_the_cpu():
     assert resolve_precision("16-mixed", "cpu") == "16-mixed"
     expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     assert resolve_precision("bf16-mixed", "cpu") == expected
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "sweep"])
+def test_help_is_short_lists_the_package_models_and_says_what_ckpt_path_means(subcommand, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_:
+        run([subcommand, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 300
+    assert "TinyVGG" in out
+    assert "--model.model.help TinyVGG" in out
+    assert "Conv2d" not in out  # no nn.Module subclasses of torch, torchvision, torchmetrics
+    assert "torchmetrics" not in out
+    assert "known subclasses" not in out
+    ckpt_help = out.split("--ckpt_path CKPT_PATH", 1)[1].split("\n  -", 1)[0]
+    assert "`best`, `last`" in ckpt_help
+    assert "hpc" not in ckpt_help
+    assert "registry" not in ckpt_help
+    assert "--trainer.max_epochs MAX_EPOCHS" in out  # Lightning's options are all there, some by name
+    assert "--trainer.gradient_clip_val" in out
+
+
+def test_any_nn_module_class_path_still_works_and_model_help_shows_a_network(capsys):
+    from fmnist_lightning.config import parse
+
+    cfg = parse([*LINEAR, "--model.model=torch.nn.Flatten"])
+    assert cfg.model.model.class_path == "torch.nn.Flatten"
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--model.model.help", "TinyVGG"])
+    assert exit_.value.code == 0
+    assert "--model.model.widths" in capsys.readouterr().out
+
+
+def test_shortcut_args_spell_the_task_options():
+    from fmnist_lightning.config import shortcut_args
+
+    args = ["--optimizer=SGD", "--optimizer.lr", "0.1", "--lr_scheduler", "StepLR", "--optimizers", "--data.x=1"]
+    assert shortcut_args(args) == [
+        "--model.optimizer=SGD",
+        "--model.optimizer.lr",
+        "0.1",
+        "--model.lr_scheduler",
+        "StepLR",
+        "--optimizers",  # not a shortcut: left to the parser to refuse
+        "--data.x=1",
+    ]
+
+
+def test_optimizer_and_lr_scheduler_shortcuts_set_the_task_options(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logs = tmp_path / "logs"
+    args = [*LINEAR, "--optimizer", "SGD", "--optimizer.lr", "0.05", "--lr_scheduler=StepLR"]
+    fitted = run(["fit", *args, "--lr_scheduler.step_size", "5", *fast_fit_args(data_dir, logs)])
+    saved = yaml.safe_load((fitted.run_dir / "config.yaml").read_text())["model"]
+    assert saved["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert saved["optimizer"]["init_args"]["lr"] == 0.05
+    assert saved["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    assert saved["lr_scheduler"]["init_args"]["step_size"] == 5
+    assert isinstance(fitted.trainer.optimizers[0], torch.optim.SGD)
+
+
+def test_a_shipped_config_is_found_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch, capsys):
+    from fmnist_lightning.config import parse, shipped_config, shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert set(shipped_configs()) == {p.stem for p in CONFIGS}
+    assert set(shipped_configs("sweeps")) == {p.stem for p in (ROOT / "configs" / "sweeps").glob("*.yaml")}
+    cfg = parse(["--config", "tinyvgg"])
+    assert cfg.model.model.class_path == "fmnist_lightning.models.TinyVGG"
+    assert shipped_config("fast_search", "--sweep", "sweeps") == str(ROOT / "configs" / "sweeps" / "fast_search.yaml")
+    (tmp_path / "tinyvgg").write_text("trainer: {max_epochs: 3}\n")  # a file of that name here comes first
+    assert shipped_config("tinyvgg") == "tinyvgg"
+    assert cfg.trainer.logger.init_args.name == "tinyvgg"  # named after the config, as with its path
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--config=no_such_config"])
+    message = str(exit_.value.code)
+    assert len(message.splitlines()) == 1
+    assert "no_such_config" in message
+    assert "tinyvgg" in message
+    assert "linear" in message
+
+
+def test_the_wheel_lists_every_package_and_ships_the_configs():
+    """pyproject.toml lists the packages (configs/ is mapped into the wheel): a new one must be listed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fmnist_lightning").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"fmnist_lightning.configs", "fmnist_lightning.configs.sweeps"}
+    assert setuptools["package-dir"] == {"fmnist_lightning.configs": "configs"}
+    assert setuptools["package-data"]["fmnist_lightning.configs.sweeps"] == ["*.yaml"]

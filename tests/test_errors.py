@@ -443,9 +443,15 @@ def test_lightning_info_lines_wait_for_the_run_and_go_with_its_error():
         HELD_INFO.drop()
 
 
-def test_a_successful_fit_still_says_its_seed_and_devices(tmp_path, data_dir):
+def test_a_successful_fit_says_its_seed_and_device_in_one_line_and_lightnings_lines_under_debug(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "fmnist_lightning", "fit", *LINEAR, *fast_fit_args(data_dir, tmp_path / "logs")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Seed set to 42" in done.stderr
-    assert "GPU available" in done.stderr
+    assert "on cpu, precision 32-true" in done.stderr
+    assert "seed 42" in done.stderr
+    assert "GPU available" not in done.stderr
+    assert "Seed set to 42" not in done.stderr
+    debug = subprocess.run([cmd[0], *cmd[1:3], "--debug", *cmd[3:]], capture_output=True, text=True, cwd=tmp_path)
+    assert debug.returncode == 0, debug.stderr[-2000:]
+    assert "Seed set to 42" in debug.stderr
+    assert "GPU available" in debug.stderr

@@ -189,3 +189,35 @@ def test_output_that_is_not_a_file_name_is_refused_before_anything_is_read(tmp_p
         with pytest.raises(ConfigError, match=words):
             export_checkpoint(tmp_path / "none.ckpt", "torchscript", output)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_export_finds_best_and_last_of_the_configs_latest_run_as_test_does(linear_run, tmp_path, monkeypatch, which):
+    from fmnist_lightning.cli import run
+
+    from .conftest import LINEAR
+
+    monkeypatch.chdir(tmp_path)
+    copy = linear_run.copy(tmp_path / "lightning_logs")  # the config's default log folder, from here
+    out = tmp_path / "model.pt"
+    written = run(["export", *LINEAR, "--ckpt_path", which, "--format", "torchscript", "--output", str(out)])
+    assert written == out
+    expected = load_task(copy.best if which == "best" else copy.last)[0].model.state_dict()
+    exported = torch.jit.load(str(out)).state_dict()
+    for key, value in expected.items():
+        assert torch.equal(exported[f"network.{key}"], value)
+
+
+def test_export_best_without_a_config_or_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    from fmnist_lightning.cli import run
+
+    from .conftest import LINEAR
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run(["export", "--ckpt_path", "best"])
+    assert "needs --config" in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:
+        run(["export", *LINEAR, "--ckpt_path", "last"])
+    assert "no run under lightning_logs/linear" in str(exit_.value.code)
+    assert not (tmp_path / "lightning_logs").exists()

@@ -119,8 +119,9 @@ def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(lin
     plugin = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugin)
     experiment = plugin["_hparams_/experiment"].decode(errors="ignore")
-    for text in ("hp/best_val_acc", "hp/test_acc", "optimizer", "data/batch_size"):
+    for text in ("hp/best_val_acc", "hp/test_acc", "optimizer", "batch_size"):
         assert text in experiment
+    assert "_instantiator" not in experiment
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.predictions import read_predictions
@@ -408,9 +407,7 @@ def test_two_workers_split_the_grid_and_train_no_cell_twice(tmp_path, data_dir, 
     results = read_table(out / "results.csv")
     assert [r["n"] for r in results] == [2, 2]
     assert sum(r["best"] for r in results) == 1
-    hparams = EventAccumulator(str(next((out / "hparams").glob("lr=0.01"))))
-    hparams.Reload()
-    assert {"hparams/val_acc_mean", "hparams/val_loss_mean"} <= set(hparams.Tags()["scalars"])
+    assert not (out / "hparams").exists()  # no experiment summary of its own to take over TensorBoard's HParams
 
 
 @pytest.mark.slow

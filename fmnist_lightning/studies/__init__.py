@@ -77,8 +77,8 @@ def run_sweep(
 
     The study folder is ``<save_dir>/<name>/<sweep file stem>-<hash>``: one folder per point, one
     run folder per fold and seed in it, ``refit/`` for refits, ``results.csv``/``results.md``
-    (per point: mean ± std, best marked; ablations: differences, intervals, p-values), ``cells.csv``,
-    ``hparams/`` (TensorBoard HParams) and, by default, the Optuna journal ``optuna.journal``.
+    (per point: mean ± std, best marked; ablations: differences, intervals, p-values), ``cells.csv``
+    and, by default, the Optuna journal ``optuna.journal``; each run folder has its TensorBoard HParams row.
     The same command again completes what is missing (after a crash or ``kill -9``) and trains
     nothing when all is done; on other machines with the same ``storage`` it shares the work.
 

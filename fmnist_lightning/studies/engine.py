@@ -24,6 +24,7 @@ the same command on other machines with one ``storage`` shares it across machine
 
 import gc
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -266,11 +267,12 @@ def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
         waiting = open_study(plan, options).get_trials(deepcopy=False, states=(TrialState.WAITING,))
         jobs = max(1, min(jobs, len(waiting)))
     if jobs == 1:
-        optimize(open_study(plan, options), plan, quiet=False)
+        optimize(open_study(plan, options), plan, quiet=False, workers=1)
         return
     threads = max(1, cpu_count() // jobs)
     context = mp.get_context("spawn")  # a fresh interpreter: no state (threads, CUDA) copied from here
-    procs = [context.Process(target=_worker, args=(plan, options, i, threads, os.getpid())) for i in range(jobs)]
+    args = (plan, options, threads, jobs, os.getpid())
+    procs = [context.Process(target=_worker, args=(i, *args)) for i in range(jobs)]
     for proc in procs:
         proc.start()
     try:
@@ -291,7 +293,7 @@ def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
         raise
 
 
-def _worker(plan: StudyPlan, options: StudyOptions, index: int, threads: int, parent: int) -> None:
+def _worker(index: int, plan: StudyPlan, options: StudyOptions, threads: int, workers: int, parent: int) -> None:
     """Body of a worker process: end with the command that started it, then work the queue."""
 
     def watch() -> None:  # a killed command's workers would go on training cells nobody waits for
@@ -306,14 +308,14 @@ def _worker(plan: StudyPlan, options: StudyOptions, index: int, threads: int, pa
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with stop_on_signals():
-            optimize(open_study(plan, options, worker=index), plan, quiet=True)
+            optimize(open_study(plan, options, worker=index), plan, quiet=True, workers=workers)
     except Interrupted as err:
         sys.exit(err.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool) -> None:
+def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool, workers: int = 1) -> None:
     """Optuna's loop on this worker: queued trials first (a search draws new points), until none is left."""
 
     def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -321,7 +323,8 @@ def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool) -> None:
             study.stop()
 
     if _has_work(study, plan):
-        study.optimize(Objective(plan, quiet), catch=(CellError,), callbacks=[stop_when_done], gc_after_trial=True)
+        objective = Objective(plan, quiet, workers)
+        study.optimize(objective, catch=(CellError,), callbacks=[stop_when_done], gc_after_trial=True)
 
 
 class Objective:
@@ -330,10 +333,12 @@ class Objective:
     Args:
         plan: The study's plan.
         quiet: No progress bars and model summaries (several workers share the terminal).
+        workers: Worker processes sharing the study on this machine, for the estimate of the time left.
     """
 
-    def __init__(self, plan: StudyPlan, quiet: bool) -> None:
-        self.plan, self.quiet = plan, quiet
+    def __init__(self, plan: StudyPlan, quiet: bool, workers: int = 1) -> None:
+        self.plan, self.quiet, self.workers = plan, quiet, workers
+        self.started, self.trained = time.monotonic(), 0
 
     def __call__(self, trial: optuna.Trial) -> float:
         """Train what the trial stands for; its value is the validation accuracy."""
@@ -381,9 +386,27 @@ class Objective:
         else:
             point = next(p for p in plan.points if p.name == attrs["point"])
         cell = Cell(point, attrs["fold"], attrs["seed"], refit=attrs["kind"] == "refit")
-        record = train_cell(plan, cell, self.quiet, trial.study)
+        record = train_cell(plan, cell, self.quiet, trial.study, report=trial.report)
         trial.set_user_attr("result", record)
+        if not cell.refit:
+            self._say_progress(trial.study, record["val_acc"])
         return record["val_acc"]
+
+    def _say_progress(self, study: optuna.Study, val_acc: float) -> None:
+        """``cell k of N``, the best score so far and the time left (this worker's pace times the workers)."""
+        self.trained += 1
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = [t for t in trials if t.user_attrs.get("kind") == "cell" and t.value is not None]
+        done = len({t.user_attrs["cell"] for t in complete}) + 1  # + this one, not yet told complete
+        total = len(self.plan.cells()) if self.plan.kind != "search" else None
+        best = max([val_acc, *(t.value for t in complete)])
+        line = f"cell {done} of {total}" if total else f"{done} cells"
+        line += f" done, best val/acc so far {best:.4f}"
+        if total and done < total:
+            pace = (time.monotonic() - self.started) / self.trained  # seconds a cell, on this worker
+            left = (total - done) * pace / self.workers
+            line += f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        say(line)
 
     def _point(self, trial: optuna.Trial) -> float:
         plan = self.plan
@@ -416,8 +439,17 @@ def _suggest(trial: optuna.Trial, key: str, dist: optuna.distributions.BaseDistr
 # One training
 
 
-def train_cell(plan: StudyPlan, cell: Cell, quiet: bool, study: optuna.Study | None = None) -> dict[str, Any]:
+def train_cell(
+    plan: StudyPlan,
+    cell: Cell,
+    quiet: bool,
+    study: optuna.Study | None = None,
+    report: Callable[[float, int], None] | None = None,
+) -> dict[str, Any]:
     """Train one cell (and test it, for a refit) into its run folder; returns its record.
+
+    ``report(val_acc, epoch)`` is called for each validated epoch (``Trial.report``: the per-epoch
+    curves optuna-dashboard draws as intermediate values).
 
     A run cut short after some epochs (its worker was killed) continues from its ``last.ckpt``, in
     the same folder; one killed before its first checkpoint starts again.
@@ -437,9 +469,17 @@ def train_cell(plan: StudyPlan, cell: Cell, quiet: bool, study: optuna.Study | N
     elif run_dir.exists():  # a start cut short before its first checkpoint: nothing in it to keep
         shutil.rmtree(run_dir)
     if quiet:  # several workers share the terminal
-        overrides |= {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
+        overrides |= {
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "epoch_summary.enabled": False,
+        }
     result = training.fit(cell.point.base or plan.base, overrides)
     best, last_row = result.best_epoch, result.last_epoch
+    if report is not None:
+        for row in result.history:
+            if not math.isnan(row.get("val/acc", math.nan)):
+                report(row["val/acc"], int(row["epoch"]))
     if result.best_score is None or best is None or last_row is None:
         raise CellError(f"{cell.key}: no val/acc was logged, so the cell has no score (is validation disabled?)")
     record: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""A study's results, from its Optuna storage alone: tables, statistics and TensorBoard HParams.
+"""A study's results, from its Optuna storage alone: tables and statistics.
 
 Written into the study folder at the end of every command (every machine sharing a study writes the
 same tables; a re-run rewrites them): ``cells.csv`` (a row per training: point, fold, seed, the
@@ -7,14 +7,15 @@ images, seconds, worker, run folder; and its test scores where it was tested), `
 ``results.md`` (k-fold: a row per fold; a sweep: a row per point, mean ± std over its cells, the best
 marked; an ablation or a zoo: each arm against the reference (a zoo: the best) with the difference,
 its 95% interval, the p-value and Holm's adjustment, and McNemar on refits' test predictions; a
-two-key grid also as study 004's matrix), and ``hparams/`` (``tensorboard --logdir <study>/hparams``).
+two-key grid also as study 004's matrix). Nothing for TensorBoard: a summary of the points there
+would take over the HParams tab of the whole log folder (see :func:`_remove_old_hparams`); each
+training of the study is a run with its own HParams row, as any run is.
 """
 
 import json
 import math
 import shutil
 import statistics
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ def _against(collected: Collected, rows: list[dict[str, Any]], reference: Point,
 
 
 def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: str = "") -> Collected:
-    """Write ``cells.csv``, ``results.csv``, ``results.md`` and ``hparams/`` into the study folder.
+    """Write ``cells.csv``, ``results.csv`` and ``results.md`` into the study folder.
 
     Args:
         study: The study.
@@ -196,6 +197,7 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
         command: The command line, shown at the top of ``results.md``.
     """
     collected, out = collect(study, plan), plan.study_dir
+    _remove_old_hparams(out, collected)
     cells = [{**collected.cells[c.key], **c.point.params} for c in collected.expected if c.key in collected.cells]
     swept = plan.keys if plan.kind in ("grid", "search") else ()
     _write_csv(out / "cells.csv", cells, [*CELL_COLUMNS, *(TEST_COLUMNS if plan.test else ()), *swept])
@@ -208,7 +210,6 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
         rows = point_rows(collected)
         _write_csv(out / "results.csv", rows)
         body = _sweep_markdown(collected, rows)
-        _write_hparams(out, collected, rows)
     split = "the config's validation split" if plan.num_folds is None else f"{plan.num_folds}-fold cross-validation"
     scoring = f" with {', '.join(f'{k}={format_value(v)}' for k, v in plan.scoring.items())}" if plan.scoring else ""
     seeds = f"training seed{'s' * (len(plan.seeds) > 1)} {', '.join(map(str, plan.seeds))}"
@@ -242,24 +243,17 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
         pd.DataFrame(cells, columns=columns).to_csv(f, index=False, float_format="%.6g")
 
 
-def _write_hparams(out: Path, collected: Collected, rows: Sequence[dict[str, Any]]) -> None:
-    """One TensorBoard HParams entry per point, written aside and swapped in (re-runs replace it)."""
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard's writer: only when a study ends
+def _remove_old_hparams(out: Path, collected: Collected) -> None:
+    """Remove the ``hparams/`` folder earlier versions wrote into the study folder.
 
-    tmp, old = (out / f".hparams-{what}{uuid.uuid4().hex[:8]}" for what in ("", "old-"))
-    writer = SummaryWriter(log_dir=str(tmp))
-    for row, point in zip(rows, [next(p for p in collected.points if p.name == r["point"]) for r in rows], strict=True):
-        params = dict(point.params) if collected.plan.kind in ("grid", "search") else {"arm": point.name}
-        hparams = {k: v if isinstance(v, bool | int | float | str) else json.dumps(v) for k, v in params.items()}
-        keys = ("val_acc_mean", "val_acc_std", "val_loss_mean", "val_loss_std", "test_acc_mean", "test_acc")
-        metrics = {f"hparams/{k}": float(row[k]) for k in keys if k in row and not math.isnan(float(row[k]))}
-        if metrics:
-            writer.add_hparams(hparams, metrics, run_name=point.name)
-    writer.close()
-    if (out / "hparams").exists():
-        (out / "hparams").rename(old)
-    tmp.rename(out / "hparams")
-    shutil.rmtree(old, ignore_errors=True)
+    It held a TensorBoard experiment summary of the points' means, and TensorBoard uses one
+    experiment summary for a whole log folder: ``tensorboard --logdir lightning_logs`` then showed
+    the sweep's columns alone and every other run's row empty. The means are in ``results.md`` and
+    ``results.csv``; each training of the study has its own HParams row, as any run has. A point
+    named ``hparams`` has its trainings in that folder: it is kept then.
+    """
+    if all(point.name != "hparams" for point in (*collected.plan.points, *collected.points)):
+        shutil.rmtree(out / "hparams", ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""What a person at the terminal sees: a header and one line per epoch, a study's cells counted with the time left."""
+
+import re
+
+import optuna
+
+from fmnist_lightning.cli import main
+from fmnist_lightning.studies.storage import JOURNAL_FILE, open_storage
+
+from .conftest import LINEAR, fast_fit_args
+
+EPOCH_LINE = re.compile(
+    r"^epoch (\d+)/3  train/loss \d\.\d{4}  train/acc \d\.\d{4}  val/loss \d\.\d{4}  val/acc \d\.\d{4}  "
+    r"\d+\.\d s  lr \d\.\d\de-\d\d$"
+)
+
+
+def test_fit_prints_a_header_and_one_line_per_epoch(tmp_path, data_dir, capsys):
+    assert main(["fit", *LINEAR, *fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=3")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    header = [line for line in err if line.startswith("Training ")]
+    assert header == [
+        "Training LinearClassifier (7,850 parameters) on cpu, precision 32-true, 55,000 training / 5,000 "
+        "validation images, 3 epochs, seed 42"
+    ]
+    epochs = [EPOCH_LINE.match(line) for line in err if line.startswith("epoch ")]
+    assert all(epochs), [line for line in err if line.startswith("epoch ")]
+    assert [int(m.group(1)) for m in epochs] == [1, 2, 3]
+    assert not any("Trainable params" in line for line in err)  # Lightning's module table only when asked
+
+
+def test_a_study_counts_its_cells_and_reports_every_epoch_to_optuna(tmp_path, data_dir, capsys):
+    logs = tmp_path / "logs"
+    args = ["kfold", *LINEAR, *fast_fit_args(data_dir, logs, "--trainer.max_epochs=2"), "--num_folds=2", "--jobs=1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[study\] cell 1 of 2 done, best val/acc so far 0\.\d{4}, about \d+ s left", err)
+    assert re.search(r"\[study\] cell 2 of 2 done, best val/acc so far 0\.\d{4}\n", err)
+    (journal,) = logs.rglob(JOURNAL_FILE)
+    study = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal.parent, 10, 30))
+    for trial in study.trials:
+        # The per-epoch validation accuracy as Optuna's intermediate values: optuna-dashboard's curves.
+        assert sorted(trial.intermediate_values) == [0, 1]
+        assert max(trial.intermediate_values.values()) == trial.value
+
+
+def test_in_a_notebook_the_progress_bar_is_off_unless_asked_for(monkeypatch, data_dir, tmp_path):
+    """A Jupyter kernel stores every redraw of a bar in the notebook; the epoch lines say the same."""
+    import sys
+    import types
+
+    from fmnist_lightning import training
+
+    args = [*LINEAR, f"--data.data_dir={data_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert training.build(args).trainer.progress_bar_callback is not None  # a terminal: the bar
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # what a kernel has loaded
+    assert training.build(args).trainer.progress_bar_callback is None
+    asked = training.build([*args, "--trainer.enable_progress_bar=true"])
+    assert asked.trainer.progress_bar_callback is not None
