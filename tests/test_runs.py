@@ -77,7 +77,7 @@ def test_resume_last_continues_the_same_run_in_place(tmp_path, data_dir, monkeyp
 def test_a_killed_run_resumes_from_its_last_completed_epoch(tmp_path, data_dir):
     """kill -9 in the middle of an epoch, then `fit --ckpt_path last` with the same command."""
     cmd = [sys.executable, "-m", "fmnist_lightning", "fit", *TINYVGG]
-    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=4", "--trainer.limit_train_batches=25")
+    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=4", "--trainer.limit_train_batches=15")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = tmp_path / "logs" / "tinyvgg" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
@@ -100,7 +100,7 @@ def test_a_killed_run_resumes_from_its_last_completed_epoch(tmp_path, data_dir):
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     assert epoch_of(last) == 3
     ckpt = load_checkpoint(last)
-    assert ckpt["global_step"] == 4 * 25
+    assert ckpt["global_step"] == 4 * 15
     assert [int(r["epoch"]) for r in read_history(run)] == [0, 1, 2, 3]
 
 

@@ -136,7 +136,7 @@ def test_sigterm_to_a_sweep_with_two_workers_stops_them_and_the_rerun_completes(
     sweep = tmp_path / "grid.yaml"
     sweep.write_text("grid:\n  model.optimizer.init_args.lr: [0.01, 0.02]\n")
     cmd = [sys.executable, "-m", "fmnist_lightning", "sweep", *LINEAR, f"--sweep={sweep}", "--jobs=2"]
-    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=2", "--trainer.limit_train_batches=30")
+    cmd += fast_fit_args(data_dir, tmp_path / "logs", "--trainer.max_epochs=2", "--trainer.limit_train_batches=15")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     study = tmp_path / "logs" / "linear"
     deadline = time.monotonic() + 120
