@@ -2,7 +2,10 @@
 trained and tested once for the whole session (the tests that only read a run share them; a test that
 changes a run works on a copy)."""
 
+import contextlib
 import shutil
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +108,16 @@ def compact(line: str) -> str:
     if not line.startswith("|"):
         return line
     return "| " + " | ".join(cell.strip() for cell in line.strip().strip("|").split("|")) + " |"
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``64k``, ``3m``) at ``folder``: a disk that fills up (skips where mount is refused)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

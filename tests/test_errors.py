@@ -21,7 +21,7 @@ import torch
 from fmnist_lightning.cli import main
 from fmnist_lightning.data import IDX_FILES
 
-from .conftest import LINEAR, ROOT, TINYVGG, fast_fit_args
+from .conftest import LINEAR, ROOT, TINYVGG, fast_fit_args, small_disk
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -370,12 +370,7 @@ def test_non_finite_numbers_in_overrides_and_dicts_are_refused_by_name(capsys):
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tinyvgg_run, fmt):
     """A real process (TorchScript's native writer aborted the process, exit 134, leaving its .tmp)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "64k") as disk:
         output = disk / "models" / f"model.{fmt}"  # its folder is made for it, and removed again
         cmd = [sys.executable, "-m", "fmnist_lightning", "export", "--ckpt_path", str(tinyvgg_run.last)]
         done = subprocess.run(
@@ -387,8 +382,6 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tinyvg
         assert lines[0].startswith("fmnist_lightning: error: could not write the export")
         assert "No space left on device" in lines[0]
         assert list(disk.iterdir()) == []  # no file, no hidden temporary, no folder
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.mark.parametrize(

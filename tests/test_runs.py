@@ -22,7 +22,7 @@ from fmnist_lightning.cli import run
 from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.runs import claim_run_dir, read_history
 
-from .conftest import LINEAR, TINYVGG, fast_fit_args
+from .conftest import LINEAR, TINYVGG, fast_fit_args, small_disk
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -127,12 +127,7 @@ def test_hparams_view_gets_the_best_validation_metrics_and_the_test_accuracy(lin
 @pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_whole(tmp_path, data_dir):
     """Resume into a nearly full tmpfs: writing the next checkpoint fails; last.ckpt stays loadable."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "3m") as disk:
         cmd = [sys.executable, "-m", "fmnist_lightning", "fit", *LINEAR]
         # No confusion-matrix images: the event files stay small, so the checkpoint is what overflows.
         cmd += fast_fit_args(
@@ -161,8 +156,6 @@ def test_a_full_disk_keeps_the_previous_checkpoint_whole(tmp_path, data_dir):
         assert "Free some space or fix the folder, then run the same command again" in fresh.stderr
         assert "--ckpt_path last" not in fresh.stderr
         assert sorted(p.name for p in last.parent.parent.parent.iterdir()) == ["version_0"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.mark.slow
