@@ -128,6 +128,11 @@ def _study_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--grace_period", type=int, default=30, help="Seconds without a heartbeat before a training is redone."
     )
+    parser.add_argument(
+        "--progress_bar",
+        action="store_true",
+        help="A live progress bar over the cells (done of all, best val/acc, time left) instead of a line per cell.",
+    )
 
 
 def _sweep_arguments(parser: ArgumentParser) -> None:
@@ -140,7 +145,17 @@ def _sweep_arguments(parser: ArgumentParser) -> None:
     _study_arguments(parser)
 
 
-STUDY_OPTIONS = ("num_folds", "seeds", "jobs", "storage", "heartbeat_interval", "grace_period", "sweep", "refit")
+STUDY_OPTIONS = (
+    "num_folds",
+    "seeds",
+    "jobs",
+    "storage",
+    "heartbeat_interval",
+    "grace_period",
+    "progress_bar",
+    "sweep",
+    "refit",
+)
 
 
 def _study(argv: list[str], prog: str, kind: str) -> Path:
@@ -152,6 +167,7 @@ def _study(argv: list[str], prog: str, kind: str) -> Path:
         storage=options["storage"],
         heartbeat_interval=options["heartbeat_interval"],
         grace_period=options["grace_period"],
+        progress_bar=options["progress_bar"],
         command=" ".join([PROG, kind, *argv]),
     )
     if kind == "kfold":

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -166,7 +166,12 @@ def build(config: Config, stage: str = "fit", overrides: Mapping[str, Any] | Non
     return RunCLI(config, stage=stage, overrides=overrides, **kwargs)
 
 
-def fit(config: Config, overrides: Mapping[str, Any] | None = None, prog: str | None = None) -> RunResult:
+def fit(
+    config: Config,
+    overrides: Mapping[str, Any] | None = None,
+    prog: str | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Train a model (or resume a run with ``ckpt_path``): checkpoints, logs and history in its run folder.
 
     Args:
@@ -174,6 +179,8 @@ def fit(config: Config, overrides: Mapping[str, Any] | None = None, prog: str | 
             whole configuration (dict or namespace).
         overrides: Dotted keys merged over it (``{"trainer.max_epochs": 2}``).
         prog: The program name in parser errors.
+        callbacks: Lightning callbacks added to the configured ones for this run (objects a config
+            cannot hold, such as the studies' report to an Optuna trial).
 
     Returns:
         The run folder, best and last checkpoints, the best score and the per-epoch history.
@@ -184,6 +191,7 @@ def fit(config: Config, overrides: Mapping[str, Any] | None = None, prog: str | 
         DataError: If the data cannot be found or read.
     """
     run = build(config, "fit", overrides, prog=prog)
+    run.trainer.callbacks.extend(callbacks)
     try:
         _check_fit(run)
     except BaseException:

@@ -57,3 +57,35 @@ def test_in_a_notebook_the_progress_bar_is_off_unless_asked_for(monkeypatch, dat
     assert training.build(args).trainer.progress_bar_callback is None
     asked = training.build([*args, "--trainer.enable_progress_bar=true"])
     assert asked.trainer.progress_bar_callback is not None
+
+
+def test_a_search_with_a_pruner_stops_lagging_points_after_an_epoch(tmp_path, data_dir, capsys):
+    # ThresholdPruner(lower=1.1): every val/acc is under it, so each point stops after its first epoch.
+    sweep = tmp_path / "search.yaml"
+    sweep.write_text(
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n"
+        "n_trials: 2\nsampler: {name: RandomSampler, seed: 0}\npruner: {name: ThresholdPruner, lower: 1.1}\n"
+    )
+    logs = tmp_path / "logs"
+    args = ["sweep", *LINEAR, *fast_fit_args(data_dir, logs, "--trainer.max_epochs=3"), f"--sweep={sweep}"]
+    assert main([*args, "--jobs=1"]) == 0  # n_trials counts pruned points: the search ends
+    err = capsys.readouterr().err
+    assert len(re.findall(r"\[study\] t00\d-lr=[\d.]+/seed42: pruned by ThresholdPruner after epoch 1\n", err)) == 2
+    (journal,) = logs.rglob(JOURNAL_FILE)
+    study = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal.parent, 10, 30))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[0], [0]]
+    for run in journal.parent.glob("*/seed42"):
+        assert len((run / "history.csv").read_text().splitlines()) == 2  # a header and one epoch: stopped
+    results = (journal.parent / "results.md").read_text()
+    assert "Pruned by ThresholdPruner (stopped early, not in the table):" in results
+
+
+def test_a_study_can_draw_one_live_bar_over_its_cells(tmp_path, data_dir, capsys):
+    logs = tmp_path / "logs"
+    args = ["kfold", *LINEAR, *fast_fit_args(data_dir, logs), "--num_folds=2", "--jobs=1", "--progress_bar"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"2/2 \[[\d:]+<[\d:]+, [^\]]*best val/acc 0\.\d{4}\]", err), err[-2000:]
+    assert "cell 1 of 2 done" not in err  # the bar instead of the lines
+    assert "Training LinearClassifier" not in err  # and instead of each training's own progress

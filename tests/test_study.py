@@ -135,6 +135,17 @@ BAD_SWEEPS = {
         "n_trials: 2\nsampler: Foo\n",
         "unknown sampler 'Foo'",
     ),
+    "unknown pruner": (
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n"
+        "n_trials: 2\npruner: Foo\n",
+        "unknown pruner 'Foo'; optuna.pruners has HyperbandPruner, MedianPruner",
+    ),
+    "pruner arguments it refuses": (
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n"
+        "n_trials: 2\npruner: {name: MedianPruner, n_warmup_step: 2}\n",
+        "pruner MedianPruner refuses its arguments",
+    ),
+    "a pruner in a grid": ("grid:\n  data.batch_size: [32]\npruner: MedianPruner\n", "pruner only apply to a search"),
     "a key the study sets": ("grid:\n  seed_everything: [1, 2]\n", "--seeds"),
     "two forms": ("grid: {data.batch_size: [32]}\nablation: {variants: {a: {}}}\n", "exactly one"),
     "bad YAML": ("grid: [unclosed\n", "not valid YAML"),
@@ -603,3 +614,15 @@ def test_postgres_the_readme_driverless_url_opens_the_study(tmp_path, postgres_u
     study = optuna.create_study(storage=opened, study_name="s", direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     assert len(study.trials) == 2
+
+
+def test_test_predictions_are_kept_in_a_trial_compactly_and_read_back_exactly():
+    from fmnist_lightning.studies.results import pack_correct, unpack_correct
+
+    rng = torch.Generator().manual_seed(0)
+    correct = (torch.rand(10_000, generator=rng) < 0.93).tolist()
+    packed = pack_correct(correct)
+    assert len(packed) < 1_000  # not 10,000 characters on optuna-dashboard's trial page
+    assert unpack_correct(packed) == correct
+    assert unpack_correct(pack_correct([True, False, True])) == [True, False, True]  # bits not a multiple of 8
+    assert unpack_correct("0110") == [False, True, True, False]  # as studies stored it before

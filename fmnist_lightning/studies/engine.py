@@ -13,6 +13,10 @@ How a plan (:mod:`.spec`) maps onto Optuna:
   user attribute ``cell:<key>`` when done (a retried point keeps them) and reported as an
   intermediate value; its value is the mean validation accuracy. A point drawn beyond ``n_trials``
   (parallel workers racing) is pruned.
+- **intermediate values**: every training reports its val/acc after each epoch (:class:`ReportToTrial`;
+  optuna-dashboard draws them as curves). A search's point reports at step ``cell index x max_epochs
+  + epoch``, and with a ``pruner:`` in its sweep file stops when Optuna's pruner says so (the trial
+  is then PRUNED and counts towards ``n_trials``).
 - **refit**: once every cell is complete, the best point (every arm of an ablation) is queued as a
   ``refit`` trial: trained on the config's own split and tested.
 
@@ -22,9 +26,9 @@ Each training is :func:`fmnist_lightning.training.fit` with the cell's overrides
 the same command on other machines with one ``storage`` shares it across machines.
 """
 
+import contextlib
 import gc
 import hashlib
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -34,21 +38,23 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import optuna
+from lightning.pytorch import Callback, LightningModule, Trainer
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
 from fmnist_lightning import training
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.signals import Interrupted, stop_on_signals
-from fmnist_lightning.studies.results import CELL_ATTR_PREFIX, collect
-from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, make_sampler
+from fmnist_lightning.studies.results import CELL_ATTR_PREFIX, collect, pack_correct
+from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, make_pruner, make_sampler
 from fmnist_lightning.studies.storage import open_storage
 
 #: Memory set aside per worker process by :func:`default_jobs`: a whole ``fit`` process peaks near
@@ -75,6 +81,7 @@ class StudyOptions:
         heartbeat_interval: Seconds between heartbeats of a running training.
         grace_period: Seconds without a heartbeat after which a training counts as dead and is redone.
         command: The command line, for the results' header.
+        progress_bar: Draw a live progress bar over the cells (instead of a line per cell).
     """
 
     jobs: int | None = None
@@ -82,6 +89,7 @@ class StudyOptions:
     heartbeat_interval: int = 10
     grace_period: int = 30
     command: str = ""
+    progress_bar: bool = False
 
 
 def say(message: str) -> None:
@@ -138,10 +146,16 @@ def open_study(plan: StudyPlan, options: StudyOptions, worker: int = 0, create: 
     """Open the plan's study (creating it if ``create``) with the plan's sampler."""
     storage = open_storage(options.storage, plan.study_dir, options.heartbeat_interval, options.grace_period)
     sampler = make_sampler(plan.sampler, worker) if plan.sampler else None
+    pruner = make_pruner(plan.pruner)
     if not create:
-        return optuna.load_study(study_name=study_name(plan), storage=storage, sampler=sampler)
+        return optuna.load_study(study_name=study_name(plan), storage=storage, sampler=sampler, pruner=pruner)
     study = optuna.create_study(
-        storage=storage, study_name=study_name(plan), direction="maximize", sampler=sampler, load_if_exists=True
+        storage=storage,
+        study_name=study_name(plan),
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -176,19 +190,67 @@ def run_study(plan: StudyPlan, options: StudyOptions, refit: bool = False) -> op
         total, queued = len(plan.cells()), _enqueue(study, plan, plan.cells())
         say(f"{plan.study_dir}: {total - queued} of {total} cells already queued or done, {queued} queued now")
     refits_queued = not refit
-    while True:
-        _fail_stale(study)
-        _fail_unstarted(study, options.grace_period)
-        if _has_work(study, plan):
-            _run_workers(plan, options)
-        elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            say("waiting for the trainings other workers are running")
-            time.sleep(options.heartbeat_interval)
-        elif not refits_queued:
-            refits_queued = True
-            _enqueue(study, plan, _refit_cells(study, plan))
-        else:
-            return study
+    with CellsBar(plan, options) if options.progress_bar else contextlib.nullcontext():
+        while True:
+            _fail_stale(study)
+            _fail_unstarted(study, options.grace_period)
+            if _has_work(study, plan):
+                _run_workers(plan, options)
+            elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                say("waiting for the trainings other workers are running")
+                time.sleep(options.heartbeat_interval)
+            elif not refits_queued:
+                refits_queued = True
+                _enqueue(study, plan, _refit_cells(study, plan))
+            else:
+                return study
+
+
+class CellsBar:
+    """A live progress bar over a study's trainings (tqdm), for the command that waits on its workers.
+
+    It reads the study's storage every :attr:`interval` seconds from a thread of its own, so it
+    counts the cells every worker and every machine sharing the study finished: ``k/N cells`` (a
+    search: points of ``n_trials``), the best val/acc so far, tqdm's rate and time left.
+    """
+
+    interval = 2.0
+
+    def __init__(self, plan: StudyPlan, options: StudyOptions) -> None:
+        self.plan, self.options = plan, options
+        search = plan.kind == "search"
+        total = plan.n_trials if search else len(plan.cells())
+        self.bar = tqdm(total=total, unit="point" if search else "cell", desc=plan.folder, dynamic_ncols=True)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="cells-bar", daemon=True)
+
+    def __enter__(self) -> "CellsBar":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.bar.close()
+
+    def _poll(self) -> None:
+        study = open_study(self.plan, self.options)
+        while True:
+            self.update(study)
+            if self.stopped.wait(self.interval):
+                self.update(study)
+                return
+
+    def update(self, study: optuna.Study) -> None:
+        """Count the finished cells (search points) and the best val/acc in the storage."""
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        kind = "point" if self.plan.kind == "search" else "cell"
+        done = [t for t in trials if t.user_attrs.get("kind") == kind]
+        scores = [t.value for t in done if t.state == TrialState.COMPLETE and t.value is not None]
+        self.bar.n = len({t.user_attrs.get(kind) for t in done})
+        if scores:
+            self.bar.set_postfix_str(f"best val/acc {max(scores):.4f}", refresh=False)
+        self.bar.refresh()
 
 
 def _fail_unstarted(study: optuna.Study, grace_period: float) -> None:
@@ -227,12 +289,16 @@ def _enqueue(study: optuna.Study, plan: StudyPlan, cells: Sequence[Cell]) -> int
 
 
 def _original_points(trials: Sequence[FrozenTrial]) -> list[int]:
-    """Numbers of a search's point trials that count towards ``n_trials`` (not retries, not pruned)."""
+    """Numbers of a search's point trials that count towards ``n_trials``: not retries, not spares.
+
+    A point the pruner stopped counts (as in Optuna's own ``n_trials``); a spare, drawn beyond
+    ``n_trials`` by racing workers, is pruned before it becomes a point and does not.
+    """
     return [
         t.number
         for t in trials
         if "cell" not in t.user_attrs and "retry_of" not in t.user_attrs and "failed_trial" not in t.system_attrs
-        if t.state != TrialState.PRUNED
+        if t.state != TrialState.PRUNED or t.user_attrs.get("kind") == "point"
     ]
 
 
@@ -267,7 +333,8 @@ def _run_workers(plan: StudyPlan, options: StudyOptions) -> None:
         waiting = open_study(plan, options).get_trials(deepcopy=False, states=(TrialState.WAITING,))
         jobs = max(1, min(jobs, len(waiting)))
     if jobs == 1:
-        optimize(open_study(plan, options), plan, quiet=False, workers=1)
+        bar = options.progress_bar  # its own bar over cells, instead of Lightning's over batches
+        optimize(open_study(plan, options), plan, quiet=bar, workers=1, lines=not bar)
         return
     threads = max(1, cpu_count() // jobs)
     context = mp.get_context("spawn")  # a fresh interpreter: no state (threads, CUDA) copied from here
@@ -308,14 +375,15 @@ def _worker(index: int, plan: StudyPlan, options: StudyOptions, threads: int, wo
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with stop_on_signals():
-            optimize(open_study(plan, options, worker=index), plan, quiet=True, workers=workers)
+            study = open_study(plan, options, worker=index)
+            optimize(study, plan, quiet=True, workers=workers, lines=not options.progress_bar)
     except Interrupted as err:
         sys.exit(err.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool, workers: int = 1) -> None:
+def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool, workers: int = 1, lines: bool = True) -> None:
     """Optuna's loop on this worker: queued trials first (a search draws new points), until none is left."""
 
     def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -323,7 +391,7 @@ def optimize(study: optuna.Study, plan: StudyPlan, quiet: bool, workers: int = 1
             study.stop()
 
     if _has_work(study, plan):
-        objective = Objective(plan, quiet, workers)
+        objective = Objective(plan, quiet, workers, lines)
         study.optimize(objective, catch=(CellError,), callbacks=[stop_when_done], gc_after_trial=True)
 
 
@@ -334,10 +402,11 @@ class Objective:
         plan: The study's plan.
         quiet: No progress bars and model summaries (several workers share the terminal).
         workers: Worker processes sharing the study on this machine, for the estimate of the time left.
+        lines: A line per finished cell (off under the command's progress bar over cells).
     """
 
-    def __init__(self, plan: StudyPlan, quiet: bool, workers: int = 1) -> None:
-        self.plan, self.quiet, self.workers = plan, quiet, workers
+    def __init__(self, plan: StudyPlan, quiet: bool, workers: int = 1, lines: bool = True) -> None:
+        self.plan, self.quiet, self.workers, self.lines = plan, quiet, workers, lines
         self.started, self.trained = time.monotonic(), 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -358,6 +427,8 @@ class Objective:
             if "cell" in attrs:
                 return self._cell(trial)
             return self._point(trial)
+        except optuna.TrialPruned:
+            raise
         except (KeyboardInterrupt, Interrupted) as stop:  # queue it again for whoever runs the study next, then stop
             trial.study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "retry_of": trial.number})
             if isinstance(stop, Interrupted):  # Optuna's loop lets a BaseException through without telling
@@ -386,9 +457,9 @@ class Objective:
         else:
             point = next(p for p in plan.points if p.name == attrs["point"])
         cell = Cell(point, attrs["fold"], attrs["seed"], refit=attrs["kind"] == "refit")
-        record = train_cell(plan, cell, self.quiet, trial.study, report=trial.report)
+        record = train_cell(plan, cell, self.quiet, trial.study, [ReportToTrial(trial)], self.lines)
         trial.set_user_attr("result", record)
-        if not cell.refit:
+        if not cell.refit and self.lines:
             self._say_progress(trial.study, record["val_acc"])
         return record["val_acc"]
 
@@ -416,14 +487,45 @@ class Objective:
         trial.set_user_attr("point", name)
         point = Point(name, plan.search_point(0, params).params)
         accs = []
-        for step, cell in enumerate(plan.cells([point])):
+        for position, cell in enumerate(plan.cells([point])):
             record = trial.user_attrs.get(CELL_ATTR_PREFIX + cell.key)
             if record is None:
-                record = train_cell(plan, cell, self.quiet, trial.study)
+                reporter = ReportToTrial(trial, position, prune=plan.pruner is not None)
+                record = train_cell(plan, cell, self.quiet, trial.study, [reporter], self.lines)
+                if reporter.pruned_at is not None:  # epochs counted from 1, as the epoch lines count them
+                    why = f"pruned by {plan.pruner['name']} after epoch {reporter.pruned_at + 1}"
+                    if self.lines:
+                        say(f"{cell.key}: {why}")
+                    raise optuna.TrialPruned(f"{cell.key}: {why}")
                 trial.set_user_attr(CELL_ATTR_PREFIX + cell.key, record)
             accs.append(record["val_acc"])
-            trial.report(statistics.fmean(accs), step)
         return statistics.fmean(accs)
+
+
+class ReportToTrial(Callback):
+    """Reports a training's val/acc to its Optuna trial after every validated epoch; prunes if asked.
+
+    The step is ``position x max_epochs + epoch``: a search point's cells (folds, seeds) run one
+    after the other in one trial, and each epoch of each cell is then compared with the same epoch
+    of the same cell of other points. With ``prune``, when Optuna's pruner says the trial is behind,
+    the training stops at the end of that epoch (its checkpoints written as usual) and
+    :attr:`pruned_at` holds the epoch.
+    """
+
+    def __init__(self, trial: optuna.Trial, position: int = 0, prune: bool = False) -> None:
+        self.trial, self.position, self.prune = trial, position, prune
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Report this epoch's val/acc; ask the pruner."""
+        value = trainer.callback_metrics.get("val/acc")
+        if trainer.sanity_checking or value is None or not trainer.is_global_zero:
+            return
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1_000_000
+        self.trial.report(float(value), self.position * epochs + trainer.current_epoch)
+        if self.prune and self.trial.should_prune():
+            self.pruned_at = trainer.current_epoch
+            trainer.should_stop = True
 
 
 def _suggest(trial: optuna.Trial, key: str, dist: optuna.distributions.BaseDistribution) -> Any:
@@ -444,12 +546,13 @@ def train_cell(
     cell: Cell,
     quiet: bool,
     study: optuna.Study | None = None,
-    report: Callable[[float, int], None] | None = None,
+    callbacks: Sequence[Callback] = (),
+    lines: bool = True,
 ) -> dict[str, Any]:
     """Train one cell (and test it, for a refit) into its run folder; returns its record.
 
-    ``report(val_acc, epoch)`` is called for each validated epoch (``Trial.report``: the per-epoch
-    curves optuna-dashboard draws as intermediate values).
+    ``callbacks`` join the run's own (:class:`ReportToTrial`: the per-epoch values optuna-dashboard
+    draws, and pruning); ``lines``: say the cell's result in a line.
 
     A run cut short after some epochs (its worker was killed) continues from its ``last.ckpt``, in
     the same folder; one killed before its first checkpoint starts again.
@@ -474,12 +577,8 @@ def train_cell(
             "trainer.enable_model_summary": False,
             "epoch_summary.enabled": False,
         }
-    result = training.fit(cell.point.base or plan.base, overrides)
+    result = training.fit(cell.point.base or plan.base, overrides, callbacks=callbacks)
     best, last_row = result.best_epoch, result.last_epoch
-    if report is not None:
-        for row in result.history:
-            if not math.isnan(row.get("val/acc", math.nan)):
-                report(row["val/acc"], int(row["epoch"]))
     if result.best_score is None or best is None or last_row is None:
         raise CellError(f"{cell.key}: no val/acc was logged, so the cell has no score (is validation disabled?)")
     record: dict[str, Any] = {
@@ -507,11 +606,12 @@ def train_cell(
     gc.collect()
     if cell.refit or plan.test:
         record |= _test(config, record["best_checkpoint"])
-    say(
-        f"{cell.key}: val/acc {record['val_acc']:.4f}, val/loss {record['val_loss']:.4f}"
-        + (f", test/acc {record['test_acc']:.4f}" if "test_acc" in record else "")
-        + f" ({record['fit_seconds']:.0f} s, {record['worker']})"
-    )
+    if lines:
+        say(
+            f"{cell.key}: val/acc {record['val_acc']:.4f}, val/loss {record['val_loss']:.4f}"
+            + (f", test/acc {record['test_acc']:.4f}" if "test_acc" in record else "")
+            + f" ({record['fit_seconds']:.0f} s, {record['worker']})"
+        )
     return record
 
 
@@ -548,6 +648,6 @@ def _test(config: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         "parameters": result.metrics["parameters"],
         "report_dir": str(result.report_dir),
         # Kept in the storage, so machines that did not train the refit can still compare it.
-        "test_correct": "".join("1" if c else "0" for c in predictions.correct),
+        "test_correct": pack_correct(predictions.correct),
         "test_index_sha": hashlib.sha256(",".join(map(str, predictions.index)).encode()).hexdigest()[:16],
     }

@@ -12,15 +12,18 @@ would take over the HParams tab of the whole log folder (see :func:`_remove_old_
 training of the study is a run with its own HParams row, as any run is.
 """
 
+import base64
 import json
 import math
 import shutil
 import statistics
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
@@ -50,8 +53,9 @@ METRICS = ("val_acc", "val_loss", "test_acc", "test_f1", "epochs", "seconds_per_
 class Collected:
     """What a study's storage holds for its plan.
 
-    The points (a search's, as they completed), cell and refit records by key and point name, and the
-    errors of what failed and has not completed since.
+    The points (a search's, as they completed), cell and refit records by key and point name, the
+    errors of what failed and has not completed since, and the search points the pruner stopped
+    (name -> their last intermediate value).
     """
 
     plan: StudyPlan
@@ -59,6 +63,7 @@ class Collected:
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     refits: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    pruned: dict[str, str] = field(default_factory=dict)
 
     @property
     def expected(self) -> list[Cell]:
@@ -96,6 +101,10 @@ def collect(study: optuna.Study, plan: StudyPlan) -> Collected:
             for key, value in attrs.items():
                 if key.startswith(CELL_ATTR_PREFIX):
                     collected.cells.setdefault(key.removeprefix(CELL_ATTR_PREFIX), value)
+        elif t.state == TrialState.PRUNED and kind == "point":  # stopped early by the search's pruner
+            step = max(t.intermediate_values, default=None)
+            at = f"val/acc {t.intermediate_values[step]:.4f} at step {step}" if step is not None else "before a step"
+            collected.pruned[attrs["point"]] = at
         elif t.state == TrialState.FAIL and "error" in attrs:
             errors[attrs.get("cell") or attrs.get("point") or f"trial {t.number}"] = attrs["error"]
     # An error counts while its cell (or search point) has not completed since, by a retry.
@@ -176,11 +185,30 @@ def _against(collected: Collected, rows: list[dict[str, Any]], reference: Point,
     tested = [r for r in arms if r["point"] in collected.refits and ref is not None]
     tested = [r for r in tested if collected.refits[r["point"]]["test_index_sha"] == ref["test_index_sha"]]
     for row in tested:  # McNemar on the test predictions of each arm's refit against the reference's
-        mine, theirs = ([c == "1" for c in r["test_correct"]] for r in (collected.refits[row["point"]], ref))
+        mine, theirs = (unpack_correct(r["test_correct"]) for r in (collected.refits[row["point"]], ref))
         row["only_arm_right"], row["only_reference_right"] = discordant_counts(mine, theirs)
         row["mcnemar_p"] = mcnemar_exact(row["only_arm_right"], row["only_reference_right"])
     for row, p in zip(tested, holm([r["mcnemar_p"] for r in tested]), strict=True):
         row["mcnemar_p_holm"] = p
+
+
+def pack_correct(correct: Sequence[bool]) -> str:
+    """Per-image correctness in a short text for a trial's attributes: ``z<n>:`` + base64 of zlib of the bits.
+
+    10,000 test images take about 1 KB instead of a 10,000-character string of 0s and 1s (which
+    flooded optuna-dashboard's trial page).
+    """
+    bits = np.packbits(np.asarray(correct, dtype=bool)).tobytes()
+    return f"z{len(correct)}:" + base64.b64encode(zlib.compress(bits, 9)).decode("ascii")
+
+
+def unpack_correct(text: str) -> list[bool]:
+    """:func:`pack_correct` undone (a plain string of 0s and 1s, as older studies stored it, too)."""
+    if not text.startswith("z"):
+        return [c == "1" for c in text]
+    count, data = text[1:].split(":", 1)
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(data)), dtype=np.uint8)
+    return np.unpackbits(bits, count=int(count)).astype(bool).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +251,11 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
         "",
         f"Trainings: {done} of {len(collected.expected)} complete.",
     ]
+    if collected.pruned:
+        lines.append(
+            f"Pruned by {plan.pruner['name'] if plan.pruner else 'the pruner'} (stopped early, not in the table):"
+        )
+        lines += [f"- {point}: {at}" for point, at in collected.pruned.items()]
     if collected.errors:
         lines.append("Failed (run the same command again to retry):")
         lines += [f"- {key}: {(message.splitlines() or [''])[0]}" for key, message in collected.errors.items()]

@@ -13,6 +13,9 @@ A sweep file (YAML) names config keys with the CLI's dotted names, in one of thr
     n_trials: 20                          # required with search
     sampler: TPESampler                   # optional: any sampler of optuna.samplers, or
                                           # {name: RandomSampler, seed: 0, ...} with its arguments
+    pruner: MedianPruner                  # optional: any pruner of optuna.pruners, or
+                                          # {name: MedianPruner, n_warmup_steps: 3, ...}: stops a
+                                          # point's training early when its val/acc lags
 
     ablation:                             # a reference and named variants, each a dict of overrides
       reference: {}                       # the config as it is (or overrides of it)
@@ -53,7 +56,9 @@ from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.training import Config
 
 FORMS = ("grid", "search", "ablation")
-FILE_KEYS = (*FORMS, "num_folds", "seeds", "n_trials", "sampler", "scoring")
+FILE_KEYS = (*FORMS, "num_folds", "seeds", "n_trials", "sampler", "pruner", "scoring")
+#: The keys only a search: block takes.
+SEARCH_KEYS = ("n_trials", "sampler", "pruner")
 _DISTRIBUTION_FIELDS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
@@ -135,6 +140,8 @@ class StudyPlan:
         space: A search's distributions: key -> validated specification (see the module doc).
         n_trials: A search's number of points.
         sampler: A search's sampler: ``{"name": ..., **arguments}``.
+        pruner: A search's pruner, the same way; None: no pruning. Every cell reports its val/acc
+            after each epoch (the point's step ``cell index x max_epochs + epoch``).
         reference: An ablation's reference arm name.
         scoring: Overrides of the scoring trainings only (not the refit), dotted key -> value.
         sweep_text: The sweep file's text, kept in the study for the record.
@@ -153,6 +160,7 @@ class StudyPlan:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     n_trials: int | None = None
     sampler: dict[str, Any] | None = None
+    pruner: dict[str, Any] | None = None
     reference: str | None = None
     scoring: dict[str, Any] = field(default_factory=dict)
     sweep_text: str = ""
@@ -163,6 +171,8 @@ class StudyPlan:
         """What the study folder's hash covers: the base config without machine keys, and the plan."""
         points = [[p.name, p.params, without_machine_keys(p.base)] for p in self.points]
         plan = [self.kind, points, self.space, self.n_trials, self.sampler, self.scoring, self.test]
+        if self.pruner:  # only where set: the folders of studies without one keep their names
+            plan.append(self.pruner)
         config = without_machine_keys(self.base)
         return {"config": config, "num_folds": self.num_folds, "seeds": self.seeds, "plan": plan}
 
@@ -398,8 +408,10 @@ def plan_sweep(
     if len(forms) != 1:
         raise ConfigError(f"{where} needs exactly one of {', '.join(FORMS)}; found {forms or 'none'}.")
     kind = forms[0]
-    if kind != "search" and ("n_trials" in content or "sampler" in content):
-        raise ConfigError(f"{where}: n_trials and sampler only apply to a search: block.")
+    if kind != "search" and any(k in content for k in SEARCH_KEYS):
+        raise ConfigError(
+            f"{where}: {', '.join(k for k in SEARCH_KEYS if k in content)} only apply to a search: block."
+        )
 
     checker = _Checker(config)
     folds = next((f for f in (num_folds, content.get("num_folds"), checker.base["data"].get("num_folds")) if f), None)
@@ -537,6 +549,7 @@ def _plan_search(plan: StudyPlan, checker: _Checker, space: Any, content: Mappin
         plan.space[key] = _check_distribution(key, spec, f"{where}: search key {key}", checker.parse)
     plan.keys, plan.n_trials = list(space), n_trials
     plan.sampler = _check_sampler(content.get("sampler"), where)
+    plan.pruner = None if content.get("pruner") is None else _check_pruner(content["pruner"], where)
 
 
 def _check_distribution(key: str, spec: Any, what: str, parse: Callable[..., Namespace]) -> dict[str, Any]:
@@ -571,13 +584,17 @@ def _check_distribution(key: str, spec: Any, what: str, parse: Callable[..., Nam
     return checked
 
 
-def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
-    spec = {"name": sampler} if isinstance(sampler, str) else dict(sampler) if isinstance(sampler, dict) else None
-    spec = {"name": "TPESampler"} if sampler is None else spec
+def _optuna_spec(value: Any, where: str, what: str) -> dict[str, Any]:
+    """A sampler or pruner as the file gives it: a class name, or ``{name: ..., arguments...}``."""
+    spec = {"name": value} if isinstance(value, str) else dict(value) if isinstance(value, dict) else None
     if spec is None or not isinstance(spec.get("name"), str):
-        raise ConfigError(
-            f"{where}: sampler must be a name (TPESampler) or {{name: ..., arguments...}}, got {sampler!r}."
-        )
+        example = "TPESampler" if what == "sampler" else "MedianPruner"
+        raise ConfigError(f"{where}: {what} must be a name ({example}) or {{name: ..., arguments...}}, got {value!r}.")
+    return spec
+
+
+def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
+    spec = _optuna_spec("TPESampler" if sampler is None else sampler, where, "sampler")
     cls = getattr(optuna.samplers, spec["name"], None)
     if not isinstance(cls, type) or not issubclass(cls, optuna.samplers.BaseSampler):
         known = sorted(n for n in dir(optuna.samplers) if n.endswith("Sampler") and n not in _REFUSED_SAMPLERS)
@@ -589,6 +606,26 @@ def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: sampler {spec['name']} refuses its arguments: {err}") from None
     return spec
+
+
+def _check_pruner(pruner: Any, where: str) -> dict[str, Any]:
+    spec = _optuna_spec(pruner, where, "pruner")
+    cls = getattr(optuna.pruners, spec["name"], None)
+    if not isinstance(cls, type) or not issubclass(cls, optuna.pruners.BasePruner) or cls is optuna.pruners.BasePruner:
+        known = sorted(n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner")
+        raise ConfigError(f"{where}: unknown pruner {spec['name']!r}; optuna.pruners has {', '.join(known)}.")
+    try:
+        make_pruner(spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: pruner {spec['name']} refuses its arguments: {err}") from None
+    return spec
+
+
+def make_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner | None:
+    """Build a search's pruner (None: Optuna's default, which never prunes a trial that does not ask)."""
+    if spec is None:
+        return None
+    return getattr(optuna.pruners, spec["name"])(**{k: v for k, v in spec.items() if k != "name"})
 
 
 def make_sampler(spec: Mapping[str, Any], worker: int = 0) -> optuna.samplers.BaseSampler:
