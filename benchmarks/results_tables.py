@@ -1,5 +1,5 @@
 """Results files under ``docs/results/``: the one writer and reader of their CSV layouts, and the
-markdown tables the README shows, made from them alone.
+markdown tables the docs site shows (rendered at build time by ``docs/hooks.py``), made from them alone.
 
 Four layouts, one row per training run (or measurement), each row naming its machine (CPU model from
 ``/proc/cpuinfo``, usable cores, torch version, device) and date:

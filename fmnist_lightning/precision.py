@@ -2,7 +2,7 @@
 
 On a CPU, ``bf16-mixed`` is only worth it with native bf16 instructions (AVX512-BF16 or AMX). Without
 them oneDNN emulates bf16 and training gets much slower (TinyVGG-sized networks about 10x on an
-AVX2-only CPU, see the README's Performance section), so the CLI falls back to ``32-true`` there.
+AVX2-only CPU, see the docs' Epoch speed page), so the CLI falls back to ``32-true`` there.
 """
 
 from functools import cache

@@ -8,7 +8,7 @@ scaled down for 28x28 grey images on a laptop CPU (24-48-96 instead of 64-256-25
 after each block's first convolution means BN, the activation and the second convolution run on a
 quarter of the pixels: at the same cost per image as ``configs/fast94.yaml``'s narrow TinyVGG
 (16-32-64, 2 convs per block), the network is 1.5x as wide, and it learns faster per epoch (the
-README's time-to-accuracy section; ``configs/fast.yaml``).
+docs' Time to accuracy page; ``configs/fast.yaml``).
 """
 
 from collections.abc import Sequence

@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "LightweightCNN": {"widths": (16, 32), "kernel_sizes": (3, 3), "pools": (True, True), "batch_norm": False,
                        "hidden": (), "dropout": 0.0, "he_init": True},
 }  # fmt: skip
-#: Parameter counts of the presets (checked by the tests; shown in the README's model table).
+#: Parameter counts of the presets (checked by the tests; shown on the docs' Model zoo page).
 PRESET_PARAMETERS = {
     "FashionCNN": 1_701_578,
     "FashionCNNShallow": 417_578,

@@ -1,7 +1,7 @@
 """Logistic-regression baseline: one affine map from the 784 pixels to the class logits.
 
 Source: study 000 (linear baseline, ~80-83% test accuracy) and study 001's logistic-regression
-baseline. Expected here: about 84% test accuracy (see the README's model table).
+baseline. Expected here: about 84% test accuracy (see the docs' Model zoo page).
 """
 
 from torch import Tensor, nn

@@ -1,8 +1,8 @@
 """Small residual networks for 28x28 images, with optional squeeze-and-excitation.
 
 Source: study 000's suggested extension ("residual connections (ResNet) and attention mechanisms (SE
-Block)"), following He et al. 2016 (basic blocks) and Hu et al. 2018 (SE). The package's aim for it
-is the best accuracy in the zoo; see the README's model table for what it reached.
+Block)"), following He et al. 2016 (basic blocks) and Hu et al. 2018 (SE). ``configs/resnet_wide.yaml``
+and ``configs/resnet_se.yaml`` train it; the docs' Model zoo page gives what they reached.
 """
 
 from collections.abc import Sequence

@@ -1,7 +1,7 @@
 """TinyVGG: stacked conv-conv-pool blocks followed by dropout and a linear classifier.
 
 Source: study 000 (TinyVGG, 3x3 conv + BN + ReLU, widths 32 -> 64 -> 128, dropout; "easily exceeds
-90%"). The package's recipe ``configs/tinyvgg.yaml`` reaches the figure given in the README.
+90%"). The package's recipe ``configs/tinyvgg.yaml`` reaches the figure given on the docs' Model zoo page.
 """
 
 from collections.abc import Sequence

@@ -159,7 +159,7 @@ def database_url(storage: str) -> str:
     """``storage`` with a PostgreSQL driver that is installed, when the URL names none.
 
     SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, while the package's ``postgres``
-    extra installs psycopg2: the README's own ``postgresql://user@host/db`` would end in an
+    extra installs psycopg2: the docs' own ``postgresql://user@host/db`` would end in an
     ImportError. Without a driver in the URL and without psycopg, psycopg2 is named
     (``postgresql+psycopg2://``); with psycopg, or with a driver in the URL, the URL is kept as it is.
 
