@@ -118,7 +118,7 @@ def image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | No
             titles[i],
             ha="center",
             va="bottom",
-            fontsize=7,
+            fontsize=8,
             color=colors[i] if colors else "black",
         )
     return fig

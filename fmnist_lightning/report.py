@@ -106,7 +106,7 @@ class TestReport(Callback):
         self,
         enabled: bool = True,
         class_names: Sequence[str] = CLASS_NAMES,
-        num_images: int = 32,
+        num_images: int = 16,
         throughput_batch_size: int = 1024,
     ) -> None:
         self.enabled = enabled
@@ -219,9 +219,11 @@ class TestReport(Callback):
         figures = {"confusion_matrix": confusion_figure(results["confmat"], names, "test")}
         roc = MulticlassROC(len(names), sync_on_compute=False)  # rank 0 alone: syncing would wait for ever
         roc.update(probs, targets)
-        fig = Figure(figsize=(8, 7), layout="constrained")
+        # Figures about 6 inches wide with 8-point text: still legible scaled into a TensorBoard card.
+        fig = Figure(figsize=(6, 5.4), layout="constrained")
         ax = fig.subplots()
         roc.plot(ax=ax, labels=[f"{n} (AUC {a:.4f})" for n, a in zip(names, results["auc"], strict=True)])
+        ax.legend(fontsize=8, loc="lower right")
         ax.set_title("Test ROC, one class vs rest")
         figures["roc"] = fig
         if _has_test_set(trainer):
@@ -230,12 +232,14 @@ class TestReport(Callback):
             figures["misclassified"] = image_grid(
                 images[index[wrong].to(images.device)].cpu(),
                 [f"true {names[targets[i]]}\npred {names[preds[i]]}" for i in wrong.tolist()],
+                columns=4,
             )
             sample = torch.arange(min(self.num_images, len(targets)))
             figures["samples"] = image_grid(
                 images[index[sample].to(images.device)].cpu(),
                 [f"{names[preds[i]]} {probs[i].max():.2f}" for i in sample.tolist()],
                 ["green" if preds[i] == targets[i] else "red" for i in sample.tolist()],
+                columns=4,
             )
         history = read_history(trainer_run_dir(trainer) or Path(trainer.default_root_dir))
         if any("val/acc" in row for row in history):

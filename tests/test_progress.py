@@ -89,3 +89,18 @@ def test_a_study_can_draw_one_live_bar_over_its_cells(tmp_path, data_dir, capsys
     assert re.search(r"2/2 \[[\d:]+<[\d:]+, [^\]]*best val/acc 0\.\d{4}\]", err), err[-2000:]
     assert "cell 1 of 2 done" not in err  # the bar instead of the lines
     assert "Training LinearClassifier" not in err  # and instead of each training's own progress
+
+
+def test_the_bar_is_lightnings_rich_one_where_rich_is_installed_else_tqdm(data_dir, tmp_path):
+    import importlib.util
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from fmnist_lightning import training
+
+    args = [*LINEAR, f"--data.data_dir={data_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    rich = importlib.util.find_spec("rich") is not None
+    bar = training.build(args).trainer.progress_bar_callback
+    assert type(bar) is (RichProgressBar if rich else TQDMProgressBar)  # Lightning's own choice
+    named = [*args, "--trainer.callbacks+=TQDMProgressBar"]  # a bar the config names is kept
+    assert type(training.build(named).trainer.progress_bar_callback) is TQDMProgressBar
