@@ -118,7 +118,7 @@ def image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | No
             titles[i],
             ha="center",
             va="bottom",
-            fontsize=8,
+            fontsize=9,
             color=colors[i] if colors else "black",
         )
     return fig

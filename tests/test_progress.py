@@ -79,6 +79,7 @@ def test_a_search_with_a_pruner_stops_lagging_points_after_an_epoch(tmp_path, da
         assert len((run / "history.csv").read_text().splitlines()) == 2  # a header and one epoch: stopped
     results = (journal.parent / "results.md").read_text()
     assert "Pruned by ThresholdPruner (stopped early, not in the table):" in results
+    assert re.search(r"- t000-lr=[\d.]+: val/acc 0\.\d{4} after epoch 1 of t000-lr=[\d.]+/seed42\n", results)
 
 
 def test_a_study_can_draw_one_live_bar_over_its_cells(tmp_path, data_dir, capsys):

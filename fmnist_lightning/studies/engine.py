@@ -494,6 +494,7 @@ class Objective:
                 record = train_cell(plan, cell, self.quiet, trial.study, [reporter], self.lines)
                 if reporter.pruned_at is not None:  # epochs counted from 1, as the epoch lines count them
                     why = f"pruned by {plan.pruner['name']} after epoch {reporter.pruned_at + 1}"
+                    trial.set_user_attr("pruned", f"after epoch {reporter.pruned_at + 1} of {cell.key}")
                     if self.lines:
                         say(f"{cell.key}: {why}")
                     raise optuna.TrialPruned(f"{cell.key}: {why}")

@@ -103,8 +103,8 @@ def collect(study: optuna.Study, plan: StudyPlan) -> Collected:
                     collected.cells.setdefault(key.removeprefix(CELL_ATTR_PREFIX), value)
         elif t.state == TrialState.PRUNED and kind == "point":  # stopped early by the search's pruner
             step = max(t.intermediate_values, default=None)
-            at = f"val/acc {t.intermediate_values[step]:.4f} at step {step}" if step is not None else "before a step"
-            collected.pruned[attrs["point"]] = at
+            value = f"val/acc {t.intermediate_values[step]:.4f} " if step is not None else ""
+            collected.pruned[attrs["point"]] = value + attrs.get("pruned", f"at step {step}")
         elif t.state == TrialState.FAIL and "error" in attrs:
             errors[attrs.get("cell") or attrs.get("point") or f"trial {t.number}"] = attrs["error"]
     # An error counts while its cell (or search point) has not completed since, by a retry.
