@@ -136,8 +136,7 @@ BAD_SWEEPS = {
         "unknown sampler 'Foo'",
     ),
     "unknown pruner": (
-        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n"
-        "n_trials: 2\npruner: Foo\n",
+        "search:\n  model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\nn_trials: 2\npruner: Foo\n",
         "unknown pruner 'Foo'; optuna.pruners has HyperbandPruner, MedianPruner",
     ),
     "pruner arguments it refuses": (
