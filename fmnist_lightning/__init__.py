@@ -20,6 +20,11 @@ What is importable from here (each name also lives in the module in brackets):
   :func:`read_history`, its reader [``runs``];
 - comparison: :func:`compare_runs` (table, chart and McNemar tests of tested runs) and
   :func:`mcnemar_exact` [``compare``];
+- robustness: :func:`evaluate_robustness` (a checkpoint under twelve corruptions at five severities, its
+  calibration before and after temperature scaling, and its out-of-distribution detection, written into
+  its run folder as the ``robustness`` subcommand does), with :class:`RobustnessOptions` (what to
+  evaluate) and :class:`RobustnessResult` [``robustness``]; :func:`corrupt`, the seeded corruptions of a
+  batch of images [``corruptions``]; the metrics are in ``calibration`` and ``ood``;
 - the predictions CSV: :func:`write_predictions`, :func:`read_predictions` and what it returns,
   :class:`Predictions` [``predictions``];
 - your own images: :func:`predict_images` (a CLI checkpoint on a folder) [``inference``], :func:`read_image`
@@ -62,6 +67,7 @@ from fmnist_lightning.augment import BatchAugment
 from fmnist_lightning.callbacks import MetricsHistory
 from fmnist_lightning.cli import main
 from fmnist_lightning.compare import compare_runs, mcnemar_exact
+from fmnist_lightning.corruptions import corrupt
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, load_fashion_mnist
 from fmnist_lightning.errors import CheckpointError, ConfigError, DataError, FashionMNISTError
 from fmnist_lightning.evaluation import confusion_figure, curves_figure, image_grid
@@ -74,6 +80,7 @@ from fmnist_lightning.inference import predict_images
 from fmnist_lightning.models import build
 from fmnist_lightning.predictions import Predictions, read_predictions, write_predictions
 from fmnist_lightning.report import summary_metrics
+from fmnist_lightning.robustness import RobustnessOptions, RobustnessResult, evaluate_robustness
 from fmnist_lightning.runs import read_history
 from fmnist_lightning.studies import StudyOptions, run_kfold, run_sweep
 from fmnist_lightning.task import ClassificationTask
@@ -91,6 +98,8 @@ __all__ = [
     "FashionMNISTError",
     "MetricsHistory",
     "Predictions",
+    "RobustnessOptions",
+    "RobustnessResult",
     "RunResult",
     "StudyOptions",
     "UnreadableImageWarning",
@@ -98,7 +107,9 @@ __all__ = [
     "compare_runs",
     "compose_photo",
     "confusion_figure",
+    "corrupt",
     "curves_figure",
+    "evaluate_robustness",
     "export_checkpoint",
     "export_task",
     "fit",

@@ -1,8 +1,8 @@
 """The command line: ``python -m fmnist_lightning SUBCOMMAND ...`` (or ``fmnist-lightning SUBCOMMAND ...``).
 
 A thin face over the library: ``fit``, ``validate``, ``test`` and ``predict`` call
-:mod:`fmnist_lightning.training`, ``kfold`` and ``sweep`` :mod:`fmnist_lightning.studies`, ``compare``
-and ``export`` their modules; this module parses the command line, prints what happened and turns
+:mod:`fmnist_lightning.training`, ``kfold`` and ``sweep`` :mod:`fmnist_lightning.studies`, ``compare``,
+``export`` and ``robustness`` their modules; this module parses the command line, prints what happened and turns
 errors into one line.
 
 A run lives in one folder, ``<save_dir>/<name>/version_N`` (the logger's name defaults to the config
@@ -15,16 +15,16 @@ made; ``--debug`` (or ``FMNIST_LIGHTNING_DEBUG=1``) shows the traceback instead.
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ArgumentParser
 
-from fmnist_lightning import compare, config, studies, training
+from fmnist_lightning import compare, config, robustness, studies, training
 from fmnist_lightning.config import DEBUG_ENV, PROG, ConfigParser, RunCLI, first_line
-from fmnist_lightning.errors import FashionMNISTError
+from fmnist_lightning.errors import ConfigError, FashionMNISTError
 from fmnist_lightning.export import export_checkpoint, run_checkpoint
 from fmnist_lightning.signals import Interrupted, stop_on_signals
 
@@ -87,6 +87,36 @@ def _predict(argv: list[str], prog: str) -> Path | None:
     if path is not None:
         print(f"Predictions: {path}")
     return path
+
+
+class RobustnessCLI(RunCLI):
+    """The ``test`` configuration of a checkpoint, with the robustness job's options beside it."""
+
+    def __init__(self, argv: list[str], prog: str) -> None:
+        super().__init__(argv, stage="test", build=False, prog=prog)
+
+    def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
+        """The run's arguments, then the job's (:class:`~fmnist_lightning.robustness.RobustnessOptions`)."""
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(robustness.RobustnessOptions, nested_key=None, instantiate=False)
+
+
+ROBUSTNESS_OPTIONS = tuple(f.name for f in fields(robustness.RobustnessOptions))
+
+
+def _robustness(argv: list[str], prog: str) -> robustness.RobustnessResult:
+    parsed = RobustnessCLI(argv, prog)
+    if not parsed.config.get("ckpt_path"):
+        raise ConfigError("robustness needs --ckpt_path: best, last or a checkpoint written by fit.")
+    options = robustness.RobustnessOptions(**{k: parsed.config.get(k) for k in ROBUSTNESS_OPTIONS})
+    base = {k: v for k, v in parsed.dump().items() if k not in ROBUSTNESS_OPTIONS}
+    result = robustness.evaluate_robustness(base, options=options, prog=prog)
+    print(f"Checkpoint: {result.checkpoint}")
+    print(result.summary_table)
+    for note in result.notes:
+        print(f"Skipped: {note}")
+    print(f"Written to {result.report_dir}/ in {result.seconds:.1f} s")
+    return result
 
 
 # --- studies ----------------------------------------------------------------------------------
@@ -221,10 +251,18 @@ def _export(argv: list[str], prog: str) -> Path:
     parser.add_argument(
         "--tta_flip", type=bool | None, default=None, help="Build in flip averaging (default: as the checkpoint)."
     )
+    parser.add_argument(
+        "--temperature",
+        type=str | None,
+        default=None,
+        help="Build in temperature scaling: a temperature.json of `robustness`, `auto` (the latest fitted for this "
+        "checkpoint in its run folder) or a number; default none.",
+    )
     cfg = parser.parse_args(argv)
     ckpt_path = run_checkpoint(cfg.ckpt_path, cfg.config, prog)
-    path = export_checkpoint(ckpt_path, cfg.format, cfg.output, cfg.tta_flip)
-    print(f"Exported ({cfg.format}, raw [0, 1] grey (B, 1, 28, 28) in, logits out): {path}")
+    path = export_checkpoint(ckpt_path, cfg.format, cfg.output, cfg.tta_flip, cfg.temperature)
+    scaled = "" if cfg.temperature is None else ", divided by the fitted temperature"
+    print(f"Exported ({cfg.format}, raw [0, 1] grey (B, 1, 28, 28) in, logits{scaled} out): {path}")
     return path
 
 
@@ -235,6 +273,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "validate": Subcommand("Evaluate a checkpoint on the validation split of the 60k training images.", _validate),
     "test": Subcommand("Evaluate a checkpoint on the 10k test set and write a report into its run folder.", _test),
     "predict": Subcommand("Predict the test set, or your own images with --data.predict_dir, into a CSV.", _predict),
+    "robustness": Subcommand(
+        "A checkpoint under 12 corruptions x 5 severities, its calibration and OOD detection, into its run folder.",
+        _robustness,
+    ),
     "kfold": Subcommand(
         "Train every fold of a stratified k-fold split and tabulate them.", lambda a, p: _study(a, p, "kfold")
     ),
@@ -265,7 +307,8 @@ def run(args: Sequence[str] | None = None) -> Any:
     Returns:
         What the subcommand's library function returned: ``fit`` a :class:`~fmnist_lightning.training.RunResult`,
         ``validate``/``test`` an :class:`~fmnist_lightning.training.EvaluationResult`, ``predict`` the CSV's
-        path, ``kfold``/``sweep``/``compare`` the folder written, ``export`` the file written.
+        path, ``robustness`` a :class:`~fmnist_lightning.robustness.RobustnessResult`, ``kfold``/``sweep``/``compare``
+        the folder written, ``export`` the file written.
 
     Raises:
         SystemExit: For bad input: one line on stderr and exit status 1 (2 for the parser's own

@@ -4,7 +4,9 @@ The exported model takes raw grey images in [0, 1], ``(B, 1, 28, 28)`` float32 w
 ``B``, and returns ``(B, num_classes)`` logits: whoever runs it needs no knowledge of the dataset's
 mean and std. When the task predicts with flip test-time augmentation (``tta_flip``), that is built
 in too, so the exported model predicts exactly as ``test`` and ``predict`` do; its outputs are then
-the log of the averaged probabilities (logits whose softmax is the averaged softmax).
+the log of the averaged probabilities (logits whose softmax is the averaged softmax). With a
+temperature (``--temperature``, fitted on the validation split by ``robustness``), the outputs are
+divided by it, so that their softmax is the calibrated probability.
 
 Every export is checked before it gets its final name: ``onnx.checker``, then the file is run (by
 onnxruntime, or ``torch.jit.load`` for TorchScript) on two batch sizes and compared with the PyTorch
@@ -18,6 +20,7 @@ anything else that is not a regular file is refused as the output, not numbered 
 import contextlib
 import importlib
 import io
+import math
 import os
 import warnings
 import zipfile
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from fmnist_lightning.config import RunCLI
 from fmnist_lightning.data import NORMALIZATIONS
 from fmnist_lightning.errors import ConfigError
-from fmnist_lightning.inference import load_task
+from fmnist_lightning.inference import load_task, resolve_temperature
 from fmnist_lightning.io import atomic_write, unused_path
 from fmnist_lightning.task import ClassificationTask
 
@@ -57,15 +60,25 @@ class NormalizedClassifier(nn.Module):
         tta_flip: Average the softmax of each image and its mirror, and return its log.
         channels_last: Feed the network NHWC tensors, as it was trained (TorchScript keeps this;
             ONNX has no memory format).
+        temperature: Divide the outputs by this temperature (None: leave them as they are).
     """
 
-    def __init__(self, network: nn.Module, mean: float, std: float, tta_flip: bool, channels_last: bool) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        mean: float,
+        std: float,
+        tta_flip: bool,
+        channels_last: bool,
+        temperature: float | None = None,
+    ) -> None:
         super().__init__()
         self.network = network
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
         self.tta_flip = tta_flip
         self.channels_last = channels_last
+        self.temperature = temperature
 
     def _logits(self, x: Tensor) -> Tensor:
         if self.channels_last:
@@ -76,11 +89,13 @@ class NormalizedClassifier(nn.Module):
         """Logits ``(B, num_classes)`` of raw grey images ``(B, 1, 28, 28)`` in [0, 1]."""
         x = (images - self.mean) / self.std
         logits = self._logits(x)
-        if not self.tta_flip:
-            return logits
-        # As ClassificationTask.predict_proba: mean of the two softmaxes; its log keeps the argmax.
-        probs = (logits.softmax(dim=1) + self._logits(x.flip(-1)).softmax(dim=1)) / 2
-        return probs.clamp_min(1e-12).log()
+        if self.tta_flip:
+            # As ClassificationTask.predict_proba: mean of the two softmaxes; its log keeps the argmax.
+            probs = (logits.softmax(dim=1) + self._logits(x.flip(-1)).softmax(dim=1)) / 2
+            logits = probs.clamp_min(1e-12).log()
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return logits
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -178,6 +193,7 @@ def export_task(
     output: str | Path,
     normalization: str = "dataset",
     tta_flip: bool | None = None,
+    temperature: float | None = None,
 ) -> Path:
     """Export a task's network with its input normalisation built in (see the module docstring).
 
@@ -188,14 +204,15 @@ def export_task(
             folder or a device is refused (:func:`check_output`).
         normalization: The data module's ``normalization`` the network was trained with.
         tta_flip: Build in flip test-time augmentation; None follows ``task.tta_flip``.
+        temperature: Build in temperature scaling: the outputs divided by it (None: none).
 
     Returns:
         The path written.
 
     Raises:
-        ConfigError: For an unknown format or normalisation, ONNX export without its packages, an
-            output that is a folder, a device or under a file, or a file that cannot be written
-            (a full disk...: nothing is left behind).
+        ConfigError: For an unknown format or normalisation, a temperature that is not positive, ONNX
+            export without its packages, an output that is a folder, a device or under a file, or a
+            file that cannot be written (a full disk...: nothing is left behind).
         RuntimeError: If the exported model does not reproduce PyTorch's logits within :data:`TOLERANCE`.
     """
     if format not in FORMATS:
@@ -205,9 +222,11 @@ def export_task(
     if format == "onnx":
         _require_onnx()  # before any work, so a missing package is the first and only message
     check_output(output, format)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a positive number, got {temperature}.")
     mean, std = NORMALIZATIONS[normalization]
     tta = task.tta_flip if tta_flip is None else tta_flip
-    model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last).cpu().eval()
+    model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last, temperature).cpu().eval()
     # Made and checked in memory: a failed export writes nothing.
     example = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
@@ -304,6 +323,7 @@ def export_checkpoint(
     format: ExportFormat = "onnx",
     output: str | Path | None = None,
     tta_flip: bool | None = None,
+    temperature: float | str | Path | None = None,
 ) -> Path:
     """Export the network of a CLI checkpoint, normalisation built in (see :func:`export_task`).
 
@@ -314,6 +334,9 @@ def export_checkpoint(
             it exists, a numbered name beside it is used (``model_1.onnx``...): never overwritten. A
             folder or a device is refused (:func:`check_output`).
         tta_flip: Build in flip test-time augmentation; None follows the checkpoint's ``tta_flip``.
+        temperature: Build in temperature scaling: a number, a ``temperature.json`` of ``robustness``, or
+            ``"auto"`` (the latest fitted for this checkpoint in its run folder; see
+            :func:`~fmnist_lightning.inference.resolve_temperature`); None: none.
 
     Returns:
         The path written.
@@ -321,7 +344,8 @@ def export_checkpoint(
     Raises:
         CheckpointError: For a missing or unreadable checkpoint, or one that cannot rebuild its network.
         ConfigError: For an unknown format, ONNX export without the onnx, onnxruntime and onnxscript
-            packages, an output that is not a file name, or a file that cannot be written.
+            packages, an output that is not a file name, a file that cannot be written, or a temperature
+            that cannot be used.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}.")
@@ -330,5 +354,6 @@ def export_checkpoint(
     if output is not None:
         check_output(output, format)  # before the checkpoint is read: the cheaper refusal first
     task, normalization = load_task(ckpt_path)
+    scale = resolve_temperature(temperature, ckpt_path)
     output = Path(ckpt_path).with_suffix(SUFFIXES[format]) if output is None else output
-    return export_task(task, format, output, normalization=normalization, tta_flip=tta_flip)
+    return export_task(task, format, output, normalization=normalization, tta_flip=tta_flip, temperature=scale)

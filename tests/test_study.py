@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -625,3 +626,26 @@ def test_test_predictions_are_kept_in_a_trial_compactly_and_read_back_exactly():
     assert unpack_correct(packed) == correct
     assert unpack_correct(pack_correct([True, False, True])) == [True, False, True]  # bits not a multiple of 8
     assert unpack_correct("0110") == [False, True, True, False]  # as studies stored it before
+
+
+@pytest.mark.slow
+def test_an_ablation_scores_its_arms_on_robustness_calibration_and_ood(tmp_path, data_dir, monkeypatch):
+    pytest.importorskip("sklearn")  # the digits OOD set (the robustness extra)
+    monkeypatch.chdir(tmp_path)
+    sweep = sweep_file(
+        tmp_path,
+        "ablation:\n  variants:\n    smoothing: {model.label_smoothing: 0.2}\nseeds: 2\nrobustness: true\n",
+    )
+    out = run_sweep(study_args(data_dir, tmp_path / "logs"), sweep, options=StudyOptions(jobs=1))
+    cells = read_table(out / "cells.csv")
+    assert len(cells) == 4
+    assert all(0 < c["corruption_acc"] < 1 and 0 < c["ood_auroc_digits"] <= 1 for c in cells)
+    assert all(Path(c["run_dir"], "robustness", "corruptions.csv").is_file() for c in cells)
+    (arm,) = [r for r in read_table(out / "results.csv") if r["point"] == "smoothing"]
+    smoothing = [c["clean_ece"] for c in cells if c["point"] == "smoothing"]
+    reference = [c["clean_ece"] for c in cells if c["point"] == "reference"]
+    assert arm["clean_ece_delta"] == pytest.approx(statistics.fmean(smoothing) - statistics.fmean(reference), abs=1e-6)
+    assert arm["clean_ece_p"] == pytest.approx(paired_ttest(smoothing, reference).p_value, rel=1e-3)
+    table = (out / "results.md").read_text()
+    assert "Robustness, calibration and out-of-distribution inputs" in table
+    assert re.search(r"\| smoothing +\| 0\.\d{4} ± 0\.\d{4} \(Δ [+-]0\.\d{4}, p [\d.e-]+\)", table)

@@ -49,11 +49,11 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
-from fmnist_lightning import training
+from fmnist_lightning import robustness, training
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.predictions import read_predictions
 from fmnist_lightning.signals import Interrupted, stop_on_signals
-from fmnist_lightning.studies.results import CELL_ATTR_PREFIX, collect, pack_correct
+from fmnist_lightning.studies.results import CELL_ATTR_PREFIX, ROBUSTNESS_METRICS, collect, pack_correct
 from fmnist_lightning.studies.spec import Cell, Point, StudyPlan, make_pruner, make_sampler
 from fmnist_lightning.studies.storage import open_storage
 
@@ -607,6 +607,8 @@ def train_cell(
     gc.collect()
     if cell.refit or plan.test:
         record |= _test(config, record["best_checkpoint"])
+    if plan.robustness:
+        record |= _robustness(config, record["best_checkpoint"])
     if lines:
         say(
             f"{cell.key}: val/acc {record['val_acc']:.4f}, val/loss {record['val_loss']:.4f}"
@@ -631,6 +633,20 @@ def _test_scoring_run(plan: StudyPlan, cell: Cell, study: optuna.Study) -> dict[
     record = {**earlier, "cell": cell.key, "tested_run_of": scoring, **_test(config.dump(), earlier["best_checkpoint"])}
     say(f"{cell.key}: tested the run of {scoring}: test/acc {record['test_acc']:.4f}")
     return record
+
+
+def _robustness(config: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """The corruption benchmark, calibration and OOD detection of a checkpoint, into its run folder.
+
+    The OOD sets are the offline ones (scikit-learn's digits where installed, uniform noise): every cell
+    of a study, on every machine, then scores the same sets.
+    """
+    options = robustness.RobustnessOptions(ood_sets=("digits", "uniform_noise"), ood_download=False)
+    overrides = {"ckpt_path": checkpoint, "trainer.enable_progress_bar": False}
+    result = robustness.evaluate_robustness(config, overrides, options)
+    summary = result.summary
+    record = {key: summary.get(name) for key, name in ROBUSTNESS_METRICS.items()}
+    return record | {"robustness_dir": str(result.report_dir), "robustness_seconds": round(result.seconds, 2)}
 
 
 def _test(config: dict[str, Any], checkpoint: str) -> dict[str, Any]:

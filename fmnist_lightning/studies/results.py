@@ -47,6 +47,17 @@ CELL_COLUMNS += ("epochs", "train_images", "fit_seconds", "resumed", "worker", "
 TEST_COLUMNS = ("test_acc", "test_f1", "test_seconds", "seconds_per_epoch", "model", "parameters", "report_dir")
 #: What a point's row summarises (mean and std over its cells), where its cells have it.
 METRICS = ("val_acc", "val_loss", "test_acc", "test_f1", "epochs", "seconds_per_epoch", "fit_seconds")
+#: What a study with ``robustness: true`` keeps of each training's robustness report (record key -> the
+#: report's summary key, :func:`fmnist_lightning.robustness.evaluate_robustness`), and compares.
+ROBUSTNESS_METRICS = {
+    "corruption_acc": "mean_corruption_accuracy",
+    "clean_ece": "clean_ece",
+    "clean_ece_scaled": "clean_ece_scaled",
+    "corrupted_ece": "corrupted_ece",
+    "clean_nll": "clean_nll",
+    "ood_auroc_digits": "ood_auroc_msp_digits",
+    "ood_auroc_noise": "ood_auroc_msp_uniform_noise",
+}
 
 
 @dataclass
@@ -150,7 +161,7 @@ def point_rows(collected: Collected) -> list[dict[str, Any]]:
         else:
             row |= point.params
         row |= {k: records[0][k] for k in ("model", "parameters") if records and k in records[0]}
-        for metric in METRICS:
+        for metric in (*METRICS, *(ROBUSTNESS_METRICS if plan.robustness else ())):
             values = [float(r[metric]) for r in records if r.get(metric) is not None]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
@@ -167,7 +178,53 @@ def point_rows(collected: Collected) -> list[dict[str, Any]]:
     reference = best if plan.test else next((p for p in collected.points if p.name == plan.reference), None)
     if plan.kind in ("ablation", "configs") and reference is not None:
         _against(collected, rows, reference, metric)
+        if plan.robustness:
+            _robustness_against(collected, rows, reference)
     return rows
+
+
+def _robustness_against(collected: Collected, rows: list[dict[str, Any]], reference: Point) -> None:
+    """Each robustness figure of each arm against the reference's: ``<metric>_delta`` and ``<metric>_p``."""
+    points = {p.name: p for p in collected.points}
+    for row in rows:
+        if row["point"] == reference.name:
+            continue
+        for metric in ROBUSTNESS_METRICS:
+            test = compare_to_reference(collected, points[row["point"]], reference, metric)
+            row[f"{metric}_delta"] = test.mean_diff if test else math.nan
+            row[f"{metric}_p"] = test.p_value if test else math.nan
+
+
+def _robustness_markdown(collected: Collected, rows: list[dict[str, Any]]) -> str:
+    """The robustness figures of every point, mean ± std over its trainings, and Δ and p against the reference."""
+    names = {
+        "corruption_acc": "corruption acc",
+        "clean_ece": "ECE",
+        "clean_ece_scaled": "ECE (T-scaled)",
+        "corrupted_ece": "ECE corrupted",
+        "clean_nll": "NLL",
+        "ood_auroc_digits": "OOD AUROC digits",
+        "ood_auroc_noise": "OOD AUROC noise",
+    }
+    table = []
+    for row in rows:
+        entry = {"point": row["point"]}
+        for metric, name in names.items():
+            entry[name] = _both(row, metric)
+            if f"{metric}_delta" in row and not math.isnan(row[f"{metric}_delta"]):
+                entry[name] += f" (Δ {_signed(row[f'{metric}_delta'])}, p {_p(row[f'{metric}_p'])})"
+        table.append(entry)
+    return "\n".join(
+        [
+            "Robustness, calibration and out-of-distribution inputs of each training's best checkpoint, on the test "
+            "set (`robustness` with the offline OOD sets): corruption acc: mean accuracy over 12 corruptions x 5 "
+            "severities; ECE before and after temperature scaling fitted on the validation split; OOD AUROC of the "
+            "maximum softmax probability, test images against digits and uniform noise. Δ and p: against the "
+            "reference, the same paired test as above.",
+            "",
+            markdown_table(table),
+        ]
+    )
 
 
 def _against(collected: Collected, rows: list[dict[str, Any]], reference: Point, metric: str) -> None:
@@ -228,7 +285,8 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
     _remove_old_hparams(out, collected)
     cells = [{**collected.cells[c.key], **c.point.params} for c in collected.expected if c.key in collected.cells]
     swept = plan.keys if plan.kind in ("grid", "search") else ()
-    _write_csv(out / "cells.csv", cells, [*CELL_COLUMNS, *(TEST_COLUMNS if plan.test else ()), *swept])
+    robust = tuple(ROBUSTNESS_METRICS) if plan.robustness else ()
+    _write_csv(out / "cells.csv", cells, [*CELL_COLUMNS, *(TEST_COLUMNS if plan.test else ()), *robust, *swept])
     if plan.kind == "kfold":
         _write_csv(
             out / "results.csv", cells, ["fold", "seed", "val_loss", "val_acc", "best_epoch", "epochs", "run_dir"]
@@ -238,6 +296,8 @@ def write_results(study: optuna.Study, plan: StudyPlan, storage: str, command: s
         rows = point_rows(collected)
         _write_csv(out / "results.csv", rows)
         body = _sweep_markdown(collected, rows)
+        if plan.robustness and rows:
+            body += "\n\n" + _robustness_markdown(collected, rows)
     split = "the config's validation split" if plan.num_folds is None else f"{plan.num_folds}-fold cross-validation"
     scoring = f" with {', '.join(f'{k}={format_value(v)}' for k, v in plan.scoring.items())}" if plan.scoring else ""
     seeds = f"training seed{'s' * (len(plan.seeds) > 1)} {', '.join(map(str, plan.seeds))}"

@@ -27,7 +27,11 @@ and optionally ``num_folds: K`` (score every point by K-fold cross-validation in
 validation split), ``seeds: N`` (training seeds ``s, s+1, ..., s+N-1`` from the config's
 ``seed_everything``) or ``seeds: [1, 2, 3]`` (the command line's ``--num_folds``/``--seeds`` win),
 and ``scoring:``, overrides for the trainings that score points but not for the refit (study 004
-scored with 10 epochs per fold and refitted with up to 50: ``scoring: {trainer.max_epochs: 10}``).
+scored with 10 epochs per fold and refitted with up to 50: ``scoring: {trainer.max_epochs: 10}``),
+and ``robustness: true``: every training's best checkpoint is also evaluated on the corruption
+benchmark, for calibration and for out-of-distribution inputs
+(:func:`fmnist_lightning.robustness.evaluate_robustness`), and the tables compare the points on those
+figures too, with the same paired tests.
 
 A **point** is one setting of the swept keys; a **cell** is one training: a point, a fold (or the
 fixed split) and a seed. Every key and value is parsed by the run parser
@@ -56,7 +60,7 @@ from fmnist_lightning.errors import ConfigError
 from fmnist_lightning.training import Config
 
 FORMS = ("grid", "search", "ablation")
-FILE_KEYS = (*FORMS, "num_folds", "seeds", "n_trials", "sampler", "pruner", "scoring")
+FILE_KEYS = (*FORMS, "num_folds", "seeds", "n_trials", "sampler", "pruner", "scoring", "robustness")
 #: The keys only a search: block takes.
 SEARCH_KEYS = ("n_trials", "sampler", "pruner")
 _DISTRIBUTION_FIELDS = {
@@ -146,6 +150,7 @@ class StudyPlan:
         scoring: Overrides of the scoring trainings only (not the refit), dotted key -> value.
         sweep_text: The sweep file's text, kept in the study for the record.
         test: Test every cell's best checkpoint too (a zoo's cells), not only the refits.
+        robustness: Evaluate every cell's best checkpoint's robustness, calibration and OOD detection too.
     """
 
     kind: str
@@ -165,6 +170,7 @@ class StudyPlan:
     scoring: dict[str, Any] = field(default_factory=dict)
     sweep_text: str = ""
     test: bool = False
+    robustness: bool = False
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -173,6 +179,8 @@ class StudyPlan:
         plan = [self.kind, points, self.space, self.n_trials, self.sampler, self.scoring, self.test]
         if self.pruner:  # only where set: the folders of studies without one keep their names
             plan.append(self.pruner)
+        if self.robustness:
+            plan.append("robustness")
         config = without_machine_keys(self.base)
         return {"config": config, "num_folds": self.num_folds, "seeds": self.seeds, "plan": plan}
 
@@ -425,6 +433,9 @@ def plan_sweep(
     for key in scoring:
         _check_key(key, where)
     plan.scoring = _parsed(checker.parse(scoring, f"{where}: scoring"), scoring)
+    plan.robustness = content.get("robustness", False)
+    if not isinstance(plan.robustness, bool):
+        raise ConfigError(f"{where}: robustness: must be true or false, got {plan.robustness!r}.")
     body = content[kind]
     if kind == "grid":
         _plan_grid(plan, checker, body, where)
