@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import summary_v2
 
+from fmnist_lightning.calibration import scaled_probs
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import ConfigError, DataError
 from fmnist_lightning.io import unused_path
@@ -35,12 +36,22 @@ class PredictionCSVWriter(BasePredictionWriter):
         filename: File name inside the run's log directory; an existing file is never overwritten
             (a numbered name is used instead).
         class_names: Class names, in label order.
+        temperature: Temperature scaling of the probabilities: a number, a ``temperature.json`` written
+            by ``robustness`` (fitted on the validation split), or ``auto`` (the latest fitted for this
+            checkpoint); None: none. ``predict`` resolves it against its checkpoint into :attr:`scale`.
     """
 
-    def __init__(self, filename: str = "predictions.csv", class_names: Sequence[str] = CLASS_NAMES) -> None:
+    def __init__(
+        self,
+        filename: str = "predictions.csv",
+        class_names: Sequence[str] = CLASS_NAMES,
+        temperature: float | str | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")  # rows are written as batches come: memory stays flat
         self.filename = filename
         self.class_names = tuple(class_names)
+        self.temperature = temperature
+        self.scale: float | None = None  # the resolved temperature
         self.path: Path | None = None
         self._writer: PredictionsWriter | None = None
 
@@ -62,7 +73,10 @@ class PredictionCSVWriter(BasePredictionWriter):
     ) -> None:
         """Append the batch's rows (``predict_step``'s probabilities, labels and files)."""
         if self._writer is not None:
-            self._writer.write(prediction["probs"], labels=prediction["labels"], files=prediction.get("files"))
+            probs = prediction["probs"]
+            if self.scale is not None:  # as robustness fits it: on the log of the (flip-averaged) probabilities
+                probs = scaled_probs(probs.clamp_min(1e-12).log(), self.scale)
+            self._writer.write(probs, labels=prediction["labels"], files=prediction.get("files"))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Put the file in place (``path``), or refuse an empty result."""

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from fmnist_lightning.callbacks import PredictionCSVWriter
 from fmnist_lightning.config import HELD_INFO, PROG, RunCLI, first_line
 from fmnist_lightning.errors import CheckpointError, ConfigError, TrainingDiverged, WriteError
+from fmnist_lightning.inference import resolve_temperature
 from fmnist_lightning.report import TestReport
 from fmnist_lightning.runs import (
     check_writable,
@@ -259,13 +260,18 @@ test.__test__ = False  # type: ignore[attr-defined]  # a job, not a pytest test,
 def predict(config: Config, overrides: Mapping[str, Any] | None = None, prog: str | None = None) -> Path | None:
     """Predict the test set, or your own images (``data.predict_dir``), into a CSV in the run folder.
 
+    ``prediction_writer.temperature`` (a number, a ``temperature.json`` of ``robustness``, or ``auto``)
+    scales the probabilities by a temperature fitted on the validation split.
+
     Returns:
         The predictions CSV (None if the prediction writer is switched off).
     """
     run = build(config, "predict", overrides, prog=prog)
     ckpt_path = run.config.ckpt_path
-    _run(run, lambda: run.trainer.predict(run.model, run.datamodule, ckpt_path=ckpt_path, return_predictions=False))
     writer = next((c for c in run.trainer.callbacks if isinstance(c, PredictionCSVWriter)), None)
+    if writer is not None and writer.temperature is not None:
+        writer.scale = resolve_temperature(writer.temperature, ckpt_path)
+    _run(run, lambda: run.trainer.predict(run.model, run.datamodule, ckpt_path=ckpt_path, return_predictions=False))
     return writer.path if writer is not None else None
 
 

@@ -303,6 +303,18 @@ def test_predict_images_and_export_apply_the_fitted_temperature(robust_run, tmp_
         resolve_temperature(-1.0, copy.best)
 
 
+def test_the_predict_subcommand_applies_the_fitted_temperature(robust_run):
+    from fmnist_lightning import training
+    from fmnist_lightning.predictions import read_predictions
+
+    _, args, result = robust_run
+    t = result.summary["temperature"]
+    plain = read_predictions(training.predict(args))
+    scaled = read_predictions(training.predict([*args, "--prediction_writer.temperature=auto"]))
+    assert scaled.preds == plain.preds
+    assert torch.allclose(scaled.probs, scaled_probs(plain.probs.clamp_min(1e-12).log(), t), atol=1e-4)
+
+
 # --- refusals: one line, a non-zero exit, nothing written --------------------------------------
 
 
