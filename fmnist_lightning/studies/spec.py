@@ -48,6 +48,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import optuna
@@ -604,31 +605,38 @@ def _optuna_spec(value: Any, where: str, what: str) -> dict[str, Any]:
     return spec
 
 
-def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
-    spec = _optuna_spec("TPESampler" if sampler is None else sampler, where, "sampler")
-    cls = getattr(optuna.samplers, spec["name"], None)
-    if not isinstance(cls, type) or not issubclass(cls, optuna.samplers.BaseSampler):
-        known = sorted(n for n in dir(optuna.samplers) if n.endswith("Sampler") and n not in _REFUSED_SAMPLERS)
-        raise ConfigError(f"{where}: unknown sampler {spec['name']!r}; optuna.samplers has {', '.join(known)}.")
-    if spec["name"] in _REFUSED_SAMPLERS:
+def _check_class(
+    spec: dict[str, Any],
+    where: str,
+    module: ModuleType,
+    base: type,
+    make: Callable[..., Any],
+    refused: Sequence[str] = (),
+) -> None:
+    """A sampler or pruner named in a sweep file: a class of Optuna's module for it, built with its arguments."""
+    what = base.__name__.removeprefix("Base").lower()
+    cls = getattr(module, spec["name"], None)
+    if not isinstance(cls, type) or not issubclass(cls, base) or cls is base:
+        suffix = base.__name__.removeprefix("Base")
+        known = sorted(n for n in dir(module) if n.endswith(suffix) and n not in (*refused, base.__name__))
+        raise ConfigError(f"{where}: unknown {what} {spec['name']!r}; {module.__name__} has {', '.join(known)}.")
+    if spec["name"] in refused:
         raise ConfigError(f"{where}: {spec['name']} cannot drive a search; write the values as a grid: block instead.")
     try:
-        make_sampler(spec)
+        make(spec)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: sampler {spec['name']} refuses its arguments: {err}") from None
+        raise ConfigError(f"{where}: {what} {spec['name']} refuses its arguments: {err}") from None
+
+
+def _check_sampler(sampler: Any, where: str) -> dict[str, Any]:
+    spec = _optuna_spec("TPESampler" if sampler is None else sampler, where, "sampler")
+    _check_class(spec, where, optuna.samplers, optuna.samplers.BaseSampler, make_sampler, _REFUSED_SAMPLERS)
     return spec
 
 
 def _check_pruner(pruner: Any, where: str) -> dict[str, Any]:
     spec = _optuna_spec(pruner, where, "pruner")
-    cls = getattr(optuna.pruners, spec["name"], None)
-    if not isinstance(cls, type) or not issubclass(cls, optuna.pruners.BasePruner) or cls is optuna.pruners.BasePruner:
-        known = sorted(n for n in dir(optuna.pruners) if n.endswith("Pruner") and n != "BasePruner")
-        raise ConfigError(f"{where}: unknown pruner {spec['name']!r}; optuna.pruners has {', '.join(known)}.")
-    try:
-        make_pruner(spec)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: pruner {spec['name']} refuses its arguments: {err}") from None
+    _check_class(spec, where, optuna.pruners, optuna.pruners.BasePruner, make_pruner)
     return spec
 
 
