@@ -178,10 +178,7 @@ class RobustnessResult:
 
 def write_corruption_results(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``corruptions.csv`` (:data:`CORRUPTION_COLUMNS`), the layout :func:`read_corruption_results` reads."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CORRUPTION_COLUMNS))
-        writer.writeheader()
-        writer.writerows({k: row.get(k) for k in CORRUPTION_COLUMNS} for row in rows)
+    _write_csv(path, [{k: row.get(k) for k in CORRUPTION_COLUMNS} for row in rows])
 
 
 def read_corruption_results(path: str | Path) -> dict[str, Any]:
