@@ -193,7 +193,29 @@ SWEEP_THROUGHPUT = Layout(
         **MACHINE_COLUMNS,
     },
 )
-LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED, SWEEP_THROUGHPUT)
+#: The robustness figures of a study record (``fmnist_lightning.studies.results.ROBUSTNESS_METRICS``) a
+#: ``zoo_robustness`` row keeps.
+ZOO_ROBUSTNESS_FIGURES = ("corruption_acc", "clean_ece", "clean_ece_scaled", "corrupted_ece", "clean_nll")
+ZOO_ROBUSTNESS_FIGURES += ("ood_auroc_digits", "ood_auroc_noise")
+ZOO_ROBUSTNESS = Layout(
+    "zoo_robustness",
+    {
+        "config": str,
+        "overrides": str,
+        "model": str,
+        "seed": int,
+        "clean_accuracy": float,
+        "corruption_images": int,  # corrupted test images per corruption and severity
+        **dict.fromkeys(ZOO_ROBUSTNESS_FIGURES, float),
+        "mce": float,  # against mce_reference's run of the same seed; 1 for the reference itself
+        "relative_mce": float,
+        "mce_reference": str,  # a config's file name
+        "robustness_seconds": float,
+        "report_dir": str,
+        **MACHINE_COLUMNS,
+    },
+)
+LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED, SWEEP_THROUGHPUT, ZOO_ROBUSTNESS)
 PEER = "peer"
 
 
@@ -393,6 +415,64 @@ def pairs_table(groups: Mapping[tuple, Sequence[Mapping[str, object]]], pairs: S
         )
     header = ["A", "B", "shared seeds", "A - B (points)", "95% interval", "p (paired t)"]
     return _table(header, lines, "llrrrr")
+
+
+def zoo_robustness_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """The zoo on the corruption benchmark as markdown: one row per config, mean ± std over its seeds.
+
+    The most robust row (highest mean corruption accuracy) is in bold; ``p vs most robust`` is the
+    paired t-test (matched by seed) of its corruption accuracies against the row's, Holm-adjusted.
+    """
+    if not rows:
+        return "(no results)"
+    groups = _group(rows, "config", "overrides")
+    means = {k: statistics.mean(float(r["corruption_acc"]) for r in g) for k, g in groups.items()}
+    best = max(means, key=means.__getitem__)
+    field = "corruption_acc"
+    tests = {k: paired_by_seed(_by_seed(groups[best], field), _by_seed(g, field)) for k, g in groups.items() if k != best}
+    keys = [k for k, t in tests.items() if t is not None]
+    adjusted = dict(zip(keys, holm([tests[k].p_value for k in keys]), strict=True))
+    lines = []
+    for key, group in sorted(groups.items(), key=lambda kv: -means[kv[0]]):
+        def figures(name: str, digits: int = 3) -> str:
+            return number([float(r[name]) for r in group], digits)
+
+        corrupted = percent([float(r["corruption_acc"]) for r in group], 1)
+        test = tests.get(key)
+        lines.append(
+            [
+                f"`{group[0]['model']}`",
+                _config_label(*key),
+                str(len(group)),
+                percent([float(r["clean_accuracy"]) for r in group], 2),
+                f"**{corrupted}**" if key == best else corrupted,
+                figures("mce", 2),
+                figures("relative_mce", 2),
+                figures("clean_ece"),
+                figures("clean_ece_scaled"),
+                figures("corrupted_ece"),
+                figures("ood_auroc_digits"),
+                figures("ood_auroc_noise"),
+                figures("robustness_seconds", 0),
+                "best" if key == best else (f"{p_value(test.p_value)} ({p_value(adjusted[key])})" if test else ""),
+            ]
+        )
+    header = ["model", "config", "seeds", "clean acc", "corruption acc", "mCE", "rel. mCE", "ECE", "ECE (T)"]
+    header += ["ECE corrupted", "OOD AUROC digits", "OOD AUROC noise", "s / report", "p vs most robust (Holm)"]
+    references = sorted({str(r["mce_reference"]) for r in rows})
+    images = sorted({int(r["corruption_images"]) for r in rows})
+    out = _table(header, lines, "llrrrrrrrrrrrr")
+    out += [
+        "",
+        f"Corruption acc: mean test accuracy over 12 corruptions x 5 severities ({'/'.join(map(str, images))} "
+        f"corrupted test images each); mCE and relative mCE: Hendrycks and Dietterich's corruption error against "
+        f"{', '.join(f'`{r}`' for r in references)} of the same seed (1 for it); ECE before and after temperature "
+        "scaling fitted on the validation split, and on the corrupted images; OOD AUROC of the maximum softmax "
+        "probability, test images against scikit-learn's digits and uniform noise.",
+        "",
+        machines_line(rows),
+    ]
+    return "\n".join(out)
 
 
 # --- time to accuracy ---------------------------------------------------------------------------
@@ -604,6 +684,8 @@ def render(paths: str | Path | Sequence[str | Path], pairs: Sequence[tuple[str, 
         return epoch_speed_table(rows)
     if layout is SWEEP_THROUGHPUT:
         return sweep_throughput_table(rows)
+    if layout is ZOO_ROBUSTNESS:
+        return zoo_robustness_table(rows)
     return time_to_accuracy_tables(rows)
 
 

@@ -11,20 +11,31 @@ epochs, median seconds per training epoch, fit and test seconds in the study's p
 machine) to a results file in ``results_tables.ZOO``'s layout, skipping runs it holds already;
 ``python benchmarks/results_tables.py FILE`` makes the table from it.
 
+``--robustness`` also scores every tested checkpoint on the corruption benchmark, for calibration and
+for out-of-distribution inputs (``fmnist_lightning.robustness``, the offline OOD sets), and
+``--robustness-csv`` appends a row per run in ``results_tables.ZOO_ROBUSTNESS``'s layout: those figures
+and the mCE and relative mCE against ``--mce-reference``'s run of the same seed (Hendrycks and
+Dietterich's corruption error, with that config as the reference model).
+
 Usage:
     python benchmarks/zoo.py --configs configs/*.yaml --seeds 1 2 3 --csv docs/results/zoo.csv
     python benchmarks/zoo.py --configs configs/tinyvgg.yaml --seeds 1 2 3 --precision bf16-mixed \\
         --csv docs/results/zoo.csv          # another precision: the table names it with the row
     python benchmarks/zoo.py --configs configs/tinyvgg_wide_study002.yaml --seeds 1 --max-epochs 3 \\
         --csv docs/results/zoo.csv          # shortened: the table marks the row with its overrides
+    python benchmarks/zoo.py --configs configs/linear.yaml configs/fast.yaml --seeds 1 2 3 --robustness \
+        --robustness-csv docs/results/zoo_robustness.csv --mce-reference configs/linear.yaml
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import results_tables
-from results_tables import ZOO
+from results_tables import ZOO, ZOO_ROBUSTNESS, ZOO_ROBUSTNESS_FIGURES
+
+from fmnist_lightning.robustness import corruption_errors, read_corruption_results
 
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.studies import StudyIncomplete, StudyOptions, plan_configs, run_plan
@@ -51,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-batches", type=int, default=None, help="Shortened runs: N batches per stage.")
     parser.add_argument("--max-epochs", type=int, default=None, help="Shortened runs: N epochs.")
     parser.add_argument("--precision", default=None, help="--trainer.precision for every run (bf16-mixed...).")
+    parser.add_argument(
+        "--robustness", action="store_true", help="Score every run on corruptions, calibration and OOD inputs too."
+    )
+    parser.add_argument("--robustness-csv", type=Path, default=None, help="Append those figures here (--robustness).")
+    parser.add_argument(
+        "--mce-reference", default=None, help="The config whose runs are the mCE's reference model (default: the first)."
+    )
     args = parser.parse_args(argv)
     missing = [c for c in args.configs if not Path(c).is_file()]
     if missing:
@@ -58,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("limit_batches", "max_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.csv is not None:
+    if (args.robustness_csv or args.mce_reference) and not args.robustness:
+        parser.error("--robustness-csv and --mce-reference need --robustness")
+    args.mce_reference = args.mce_reference or args.configs[0]
+    if args.mce_reference not in args.configs:
+        parser.error(f"--mce-reference {args.mce_reference} is not one of --configs")
+    for layout, path in ((ZOO, args.csv), (ZOO_ROBUSTNESS, args.robustness_csv)):
         try:
-            ZOO.check_appendable(args.csv)
+            if path is not None:
+                layout.check_appendable(path)
         except ValueError as err:
             parser.error(str(err))
     return args
@@ -73,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     configs = [["--config", Path(c).as_posix(), *where, *overrides] for c in args.configs]
     failed = ""
     try:
-        plan = plan_configs(configs, args.seeds)
+        plan = plan_configs(configs, args.seeds, robustness=args.robustness)
         try:
             run_plan(
                 plan, StudyOptions(jobs=1, command=" ".join(["python benchmarks/zoo.py", *(argv or sys.argv[1:])]))
@@ -83,15 +107,25 @@ def main(argv: list[str] | None = None) -> Path:
     except FashionMNISTError as err:
         sys.exit(f"zoo.py: {err}")
     print((plan.study_dir / "results.md").read_text())
+    collected = collect(open_study(plan, StudyOptions()), plan)
+    runs = {Path(c).as_posix(): collected.records(point) for c, point in zip(args.configs, plan.points, strict=True)}
+    machine = results_tables.machine()
     if args.csv is not None:
-        collected = collect(open_study(plan, StudyOptions()), plan)
         done = {(r["config"], r["overrides"], r["seed"]) for r in ZOO.read(args.csv)}
-        machine = results_tables.machine()
-        for config, point in zip(args.configs, plan.points, strict=True):
-            for record in collected.records(point):
-                row = zoo_row(Path(config).as_posix(), " ".join(overrides), record)
+        for config, records in runs.items():
+            for record in records:
+                row = zoo_row(config, " ".join(overrides), record)
                 if (row["config"], row["overrides"], row["seed"]) not in done:
                     ZOO.append(args.csv, {**row, **machine})
+    if args.robustness_csv is not None:
+        done = {(r["config"], r["overrides"], r["seed"]) for r in ZOO_ROBUSTNESS.read(args.robustness_csv)}
+        reference = {int(r["seed"]): r for r in runs[Path(args.mce_reference).as_posix()]}
+        for config, records in runs.items():
+            for record in records:
+                row = robustness_row(config, " ".join(overrides), record, reference.get(int(record["seed"])))
+                row["mce_reference"] = Path(args.mce_reference).name
+                if (row["config"], row["overrides"], row["seed"]) not in done:
+                    ZOO_ROBUSTNESS.append(args.robustness_csv, {**row, **machine})
     if failed:
         sys.exit(f"zoo.py: {failed}")
     return plan.study_dir
@@ -112,6 +146,31 @@ def zoo_row(config: str, overrides: str, record: dict) -> dict:
         "fit_seconds": float(record["fit_seconds"]),
         "test_seconds": float(record["test_seconds"]),
         "run_dir": record["run_dir"],
+    }
+
+
+def robustness_row(config: str, overrides: str, record: dict, reference: dict | None) -> dict:
+    """A study record's robustness figures, with its mCE against the reference config's run of its seed."""
+    mine = read_corruption_results(Path(record["robustness_dir"]) / "corruptions.csv")
+    errors = {"mce": None, "relative_mce": None}
+    if reference is not None:
+        theirs = read_corruption_results(Path(reference["robustness_dir"]) / "corruptions.csv")
+        corruptions = sorted({c for c, s in mine["accuracy"] if s > 0})
+        severities = sorted({s for c, s in mine["accuracy"] if s > 0})
+        errors = corruption_errors(mine["accuracy"], theirs["accuracy"], corruptions, severities)
+    return {
+        "config": config,
+        "overrides": overrides,
+        "model": record["model"],
+        "seed": int(record["seed"]),
+        "clean_accuracy": mine["accuracy"][("clean", 0)],
+        "corruption_images": mine["images"],
+        **{key: math.nan if record.get(key) is None else float(record[key]) for key in ZOO_ROBUSTNESS_FIGURES},
+        "mce": math.nan if errors["mce"] is None else errors["mce"],
+        "relative_mce": math.nan if errors["relative_mce"] is None else errors["relative_mce"],
+        "mce_reference": "",
+        "robustness_seconds": float(record["robustness_seconds"]),
+        "report_dir": record["robustness_dir"],
     }
 
 

@@ -350,7 +350,10 @@ def plan_kfold(config: Config, num_folds: int | None, seeds: int | Sequence[int]
 
 
 def plan_configs(
-    configs: Sequence[Config], seeds: int | Sequence[int] = 1, overrides: Mapping[str, Any] | None = None
+    configs: Sequence[Config],
+    seeds: int | Sequence[int] = 1,
+    overrides: Mapping[str, Any] | None = None,
+    robustness: bool = False,
 ) -> StudyPlan:
     """A model zoo: whole configurations as the points, each trained with every seed and tested.
 
@@ -362,6 +365,8 @@ def plan_configs(
             whole configuration.
         seeds: Number of seeds counted up from the first config's ``seed_everything``, or the seeds.
         overrides: Dotted keys set in every configuration (``{"trainer.precision": "bf16-mixed"}``).
+        robustness: Score every tested checkpoint on the corruption benchmark, calibration and OOD inputs
+            too (a sweep file's ``robustness: true``).
 
     Raises:
         ConfigError: If a configuration or an override is refused, or the seeds are impossible.
@@ -377,7 +382,7 @@ def plan_configs(
         name = _slug({"": base["trainer"]["logger"]["init_args"].get("name") or f"config{i + 1}"}).lstrip("=")
         names.append(name if name not in names else f"{name}_{names.count(name) + 1}")
         plan.points.append(Point(names[-1], {}, base))
-    plan.logger_name, plan.keys, plan.test = "zoo", ["config"], True
+    plan.logger_name, plan.keys, plan.test, plan.robustness = "zoo", ["config"], True, robustness
     return plan
 
 
