@@ -429,12 +429,14 @@ def zoo_robustness_table(rows: Sequence[Mapping[str, object]]) -> str:
     means = {k: statistics.mean(float(r["corruption_acc"]) for r in g) for k, g in groups.items()}
     best = max(means, key=means.__getitem__)
     field = "corruption_acc"
-    tests = {k: paired_by_seed(_by_seed(groups[best], field), _by_seed(g, field)) for k, g in groups.items() if k != best}
+    tests = {k: paired_by_seed(_by_seed(groups[best], field), _by_seed(g, field)) for k, g in groups.items()}
+    del tests[best]
     keys = [k for k, t in tests.items() if t is not None]
     adjusted = dict(zip(keys, holm([tests[k].p_value for k in keys]), strict=True))
     lines = []
     for key, group in sorted(groups.items(), key=lambda kv: -means[kv[0]]):
-        def figures(name: str, digits: int = 3) -> str:
+
+        def figures(name: str, digits: int = 3, group: Sequence[Mapping[str, object]] = group) -> str:
             return number([float(r[name]) for r in group], digits)
 
         corrupted = percent([float(r["corruption_acc"]) for r in group], 1)

@@ -35,9 +35,8 @@ from pathlib import Path
 import results_tables
 from results_tables import ZOO, ZOO_ROBUSTNESS, ZOO_ROBUSTNESS_FIGURES
 
-from fmnist_lightning.robustness import corruption_errors, read_corruption_results
-
 from fmnist_lightning.errors import FashionMNISTError
+from fmnist_lightning.robustness import corruption_errors, read_corruption_results
 from fmnist_lightning.studies import StudyIncomplete, StudyOptions, plan_configs, run_plan
 from fmnist_lightning.studies.engine import open_study
 from fmnist_lightning.studies.results import collect
@@ -67,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--robustness-csv", type=Path, default=None, help="Append those figures here (--robustness).")
     parser.add_argument(
-        "--mce-reference", default=None, help="The config whose runs are the mCE's reference model (default: the first)."
+        "--mce-reference", default=None, help="The config whose runs are the mCE's reference (default: the first)."
     )
     args = parser.parse_args(argv)
     missing = [c for c in args.configs if not Path(c).is_file()]
