@@ -105,3 +105,31 @@ class BatchAugment(nn.Module):
             & apply.view(b, 1, 1)
         )  # (B, H, W)
         return images.masked_fill(box.unsqueeze(1), 0.0)
+
+
+def translate(images: Tensor, dy: int, dx: int) -> Tensor:
+    """Shift a batch ``(B, C, H, W)`` by ``dy`` rows and ``dx`` columns, the edge pixels repeated into the gap.
+
+    Repeating the edge fills the gap with the background (Fashion-MNIST's garments are centred on
+    it) whatever normalisation the images have had.
+    """
+    h, w = images.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(images, (p, p, p, p), mode="replicate")
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(images: Tensor, flip: bool = False, shift: int = 0) -> list[tuple[Tensor, float]]:
+    """Test-time augmentation: the views of a batch, each with its weight (they sum to 1).
+
+    With ``flip``, each image and its mirror; with ``shift`` (pixels), each of those also translated
+    by ``(shift, shift)`` and ``(-shift, -shift)``, as airbench's test-time augmentation: the
+    untranslated views weigh 1/2 together, each translated pair 1/4. Views are kept apart (not one
+    batch): a network's batch of ``eval_batch_size`` stays the size that was measured fastest.
+    """
+    views = [images, images.flip(-1)] if flip else [images]
+    weighted = [(v, 1.0 / len(views)) for v in views]
+    if shift:
+        moved = [translate(v, d, d) for d in (shift, -shift) for v in views]
+        weighted = [(v, w / 2) for v, w in weighted] + [(v, 1 / (2 * len(moved))) for v in moved]
+    return weighted

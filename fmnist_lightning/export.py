@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fmnist_lightning.augment import tta_views
 from fmnist_lightning.config import RunCLI
 from fmnist_lightning.data import NORMALIZATIONS
 from fmnist_lightning.errors import ConfigError
@@ -58,6 +59,7 @@ class NormalizedClassifier(nn.Module):
         mean: Mean subtracted from the raw [0, 1] pixels.
         std: Standard deviation the pixels are divided by.
         tta_flip: Average the softmax of each image and its mirror, and return its log.
+        tta_shift: Average over translated views too (``ClassificationTask``'s ``tta_shift``).
         channels_last: Feed the network NHWC tensors, as it was trained (TorchScript keeps this;
             ONNX has no memory format).
         temperature: Divide the outputs by this temperature (None: leave them as they are).
@@ -71,12 +73,13 @@ class NormalizedClassifier(nn.Module):
         tta_flip: bool,
         channels_last: bool,
         temperature: float | None = None,
+        tta_shift: int = 0,
     ) -> None:
         super().__init__()
         self.network = network
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
-        self.tta_flip = tta_flip
+        self.tta_flip, self.tta_shift = tta_flip, tta_shift
         self.channels_last = channels_last
         self.temperature = temperature
 
@@ -88,11 +91,12 @@ class NormalizedClassifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B, num_classes)`` of raw grey images ``(B, 1, 28, 28)`` in [0, 1]."""
         x = (images - self.mean) / self.std
-        logits = self._logits(x)
-        if self.tta_flip:
-            # As ClassificationTask.predict_proba: mean of the two softmaxes; its log keeps the argmax.
-            probs = (logits.softmax(dim=1) + self._logits(x.flip(-1)).softmax(dim=1)) / 2
+        if self.tta_flip or self.tta_shift:
+            # As ClassificationTask.predict_proba: the weighted mean of the views' softmaxes; its log keeps the argmax.
+            probs = sum(w * self._logits(v).softmax(dim=1) for v, w in tta_views(x, self.tta_flip, self.tta_shift))
             logits = probs.clamp_min(1e-12).log()
+        else:
+            logits = self._logits(x)
         if self.temperature is not None:
             logits = logits / self.temperature
         return logits
@@ -203,7 +207,8 @@ def export_task(
         output: The file to write; if it exists, a numbered name beside it (``model_1.onnx``...). A
             folder or a device is refused (:func:`check_output`).
         normalization: The data module's ``normalization`` the network was trained with.
-        tta_flip: Build in flip test-time augmentation; None follows ``task.tta_flip``.
+        tta_flip: Build in flip test-time augmentation; None follows ``task.tta_flip``. The
+            translated views of ``task.tta_shift`` come with it (False leaves every view out).
         temperature: Build in temperature scaling: the outputs divided by it (None: none).
 
     Returns:
@@ -226,7 +231,9 @@ def export_task(
         raise ConfigError(f"temperature must be a positive number, got {temperature}.")
     mean, std = NORMALIZATIONS[normalization]
     tta = task.tta_flip if tta_flip is None else tta_flip
-    model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last, temperature).cpu().eval()
+    shift = task.tta_shift if tta else 0  # tta_flip=False: the bare network, no test-time views at all
+    model = NormalizedClassifier(task.model, mean, std, tta, task.channels_last, temperature, shift)
+    model = model.cpu().eval()
     # Made and checked in memory: a failed export writes nothing.
     example = torch.rand(2, 1, 28, 28)
     with torch.no_grad():

@@ -45,6 +45,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from fmnist_lightning.augment import tta_views
 from fmnist_lightning.calibration import (
     TEMPERATURE_FILE,
     TemperatureFit,
@@ -296,17 +297,18 @@ class _Runner:
 
     def __call__(self, images: Tensor) -> _Outputs:
         outputs, energies = [], []
-        tta = bool(getattr(self.task, "tta_flip", False))
+        flip, shift = bool(getattr(self.task, "tta_flip", False)), int(getattr(self.task, "tta_shift", 0))
         with torch.inference_mode():
             for chunk in images.split(self.batch_size):
                 x = self.dm.transform(chunk.to(self.device), train=False)
+                views = tta_views(x, flip, shift)
                 with self.context():
-                    views = [self.task(x).float()] + ([self.task(x.flip(-1)).float()] if tta else [])
-                # Under TTA as ClassificationTask.predict_proba: the mean of the two softmaxes, here its log.
-                probs = [v.softmax(dim=1) for v in views]
-                out = (sum(probs) / len(probs)).clamp_min(1e-12).log() if tta else views[0]
+                    logits = [(self.task(v).float(), w) for v, w in views]
+                # Under TTA as ClassificationTask.predict_proba: the views' weighted mean softmax, here its log.
+                mean = sum(w * v.softmax(dim=1) for v, w in logits)
+                out = logits[0][0] if len(views) == 1 else mean.clamp_min(1e-12).log()
                 outputs.append(out.cpu())
-                energies.append((sum(energy_score(v) for v in views) / len(views)).cpu())
+                energies.append(sum(w * energy_score(v) for v, w in logits).cpu())
         return _Outputs(torch.cat(outputs), torch.cat(energies))
 
 

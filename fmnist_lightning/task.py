@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from fmnist_lightning.augment import tta_views
 from fmnist_lightning.errors import ConfigError, TrainingDiverged
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
@@ -48,6 +49,9 @@ class ClassificationTask(LightningModule):
         label_smoothing: Label smoothing of the cross-entropy loss, in [0, 1).
         tta_flip: At validation, test and predict time, average the softmax of each image and its
             horizontal mirror (test-time augmentation).
+        tta_shift: At validation, test and predict time, also average over each view translated by
+            ``(s, s)`` and ``(-s, -s)`` pixels (weight 1/4 each, the untranslated views 1/2), as
+            airbench's test-time augmentation; 0 disables it.
         channels_last: Run the network in channels-last memory format (NHWC), which oneDNN and
             cuDNN convolutions prefer (faster TinyVGG training on this project's 2-core CPU).
     """
@@ -60,9 +64,12 @@ class ClassificationTask(LightningModule):
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         tta_flip: bool = False,
+        tta_shift: int = 0,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
+        if tta_shift < 0:
+            raise ConfigError(f"tta_shift must be >= 0 pixels, got {tta_shift}.")
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         # From the CLI, the hyper-parameters are the config (class paths and init args), so
@@ -77,7 +84,7 @@ class ClassificationTask(LightningModule):
         self.channels_last = channels_last
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.tta_flip = tta_flip
+        self.tta_flip, self.tta_shift = tta_flip, tta_shift
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # validate_args=False: the argument checks call .item() and would sync the host every step.
         metrics = MetricCollection(
@@ -100,15 +107,18 @@ class ClassificationTask(LightningModule):
         return self.model(x)
 
     def predict_proba(self, x: Tensor) -> Tensor:
-        """Class probabilities ``(B, num_classes)``, averaged over the mirror image if ``tta_flip``."""
-        probs = self(x).float().softmax(dim=1)
-        if self.tta_flip:
-            probs = (probs + self(x.flip(-1)).float().softmax(dim=1)) / 2
-        return probs
+        """Class probabilities ``(B, num_classes)``, averaged over the test-time views (``tta_flip``, ``tta_shift``)."""
+        views = tta_views(x, self.tta_flip, self.tta_shift)
+        return sum(w * self(v).float().softmax(dim=1) for v, w in views)
+
+    @property
+    def tta(self) -> bool:
+        """Whether predictions average several views of each image."""
+        return self.tta_flip or self.tta_shift > 0
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
-        if stage == "train" or not self.tta_flip:
+        if stage == "train" or not self.tta:
             logits = self(x)
             loss = self.loss_fn(logits, y)
         else:

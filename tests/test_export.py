@@ -113,11 +113,12 @@ def test_export_task_built_in_python(test_images, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_airbench_net_with_its_whitening_stem_exports(test_images, tmp_path, fmt):
-    # configs/fast.yaml's network: a frozen data-set stem, GELU, global max-pool, scaled logits, flip TTA.
+    # configs/fast.yaml's network: a frozen data-set stem, GELU, global max-pool, scaled logits, flip TTA,
+    # and the translated views of tta_shift (the speedrun recipes').
     images, _ = test_images
     model = AirbenchNet(widths=(8, 16, 16))
     model.init_from_batch((images[:256] - 0.5) / 0.5)
-    task = ClassificationTask(model, tta_flip=True).eval()
+    task = ClassificationTask(model, tta_flip=True, tta_shift=1).eval()
     out = export_task(task, fmt, tmp_path / f"airbench.{fmt}", normalization="symmetric")
     expected = pytorch_logits(task, "symmetric", images[:500], tta=True)
     assert (load_exported(out)(images[:500]) - expected).abs().max() < TOLERANCE
