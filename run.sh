@@ -67,6 +67,7 @@ fi
 "$PY" -m pip install -q "${torch_index[@]}" $TORCH_SPEC
 "$PY" -c 'import torch; print(f"run.sh: torch {torch.__version__}, built for", f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only")' >&2
 "$PY" -m pip install -q -e ".[test]"
+echo "run.sh: set up in $SECONDS s" >&2
 
 # 3. The job.
 case "$job" in

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, WeightAveraging
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import summary_v2
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from fmnist_lightning.calibration import scaled_probs
 from fmnist_lightning.data import CLASS_NAMES
@@ -131,34 +130,6 @@ class EpochTimer(Callback):
         """Log the training time of the epoch, validation excluded."""
         seconds = time.perf_counter() - self._train_start - self._val_seconds
         pl_module.log("time/train_epoch_s", seconds, on_step=False, on_epoch=True, sync_dist=True)
-
-
-class EMA(WeightAveraging):
-    """An exponential moving average of the weights (and batch-norm statistics), validated, tested and saved.
-
-    Lightning's ``WeightAveraging`` with torch's EMA update: after every optimizer step from
-    ``start_step`` on, ``average = decay * average + (1 - decay) * weights``; validation runs on the
-    average, and when training ends the network holds it. From a config::
-
-        trainer:
-          callbacks:
-            - class_path: fmnist_lightning.callbacks.EMA
-              init_args: {decay: 0.99}
-
-    Args:
-        decay: The average's decay per step, in [0, 1).
-        start_step: Optimizer steps before averaging begins (the first weights are far from any optimum).
-    """
-
-    def __init__(self, decay: float = 0.99, start_step: int = 0) -> None:
-        if not 0 <= decay < 1 or start_step < 0:
-            raise ConfigError(f"EMA needs 0 <= decay < 1 and start_step >= 0; got {decay} and {start_step}.")
-        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.decay, self.start_step = decay, start_step
-
-    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        """After every optimizer step from ``start_step`` on."""
-        return step_idx is not None and step_idx >= self.start_step
 
 
 class EarlyStopping(LightningEarlyStopping):
