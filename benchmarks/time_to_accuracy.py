@@ -33,6 +33,8 @@ Usage:
     python benchmarks/time_to_accuracy.py --recipes configs/fast.yaml --seeds 1        # no peer
     python benchmarks/time_to_accuracy.py --peer-dir ../fashion-mnist-cnn-pytorch --seeds 1 \\
         --limit-batches 3 --max-epochs 1                                               # does it run?
+    python benchmarks/time_to_accuracy.py --recipes configs/speedrun94.yaml configs/tinyvgg.yaml \\
+        --seeds 1 2 3 4 5 --seeds-of configs/tinyvgg.yaml 2 --csv docs/results/speedrun94.csv  # reference: 2 seeds
 """
 
 import argparse
@@ -275,6 +277,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds, each run by every recipe.")
     parser.add_argument(
+        "--seeds-of",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("CONFIG", "N"),
+        help="Run CONFIG (one of --recipes, or 'peer') with the first N of --seeds only (a slow reference).",
+    )
+    parser.add_argument(
         "--recipes",
         nargs="*",
         default=None,
@@ -310,6 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         missing = [c for c in args.recipes if not Path(c).is_file()]
         if missing:
             parser.error(f"no such config: {', '.join(missing)}")
+        runs = {*args.recipes, *(["peer"] if args.peer_dir is not None else [])}
+        args.counts = {}
+        for run, count in args.seeds_of:
+            if run not in runs or not count.isdigit() or not 1 <= int(count) <= len(args.seeds):
+                known = ", ".join(sorted(runs))
+                parser.error(f"--seeds-of {run} {count}: give one of {known} and a count from 1 to {len(args.seeds)}")
+            args.counts[run] = int(count)
         if args.csv is not None and args.csv.exists():
             parser.error(f"{args.csv} exists: a results file holds one run of the benchmark; choose a new name")
     return args
@@ -337,9 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     tables = results_tables()
     machine = tables.machine()
     rows = []
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
         jobs = ([("peer", None)] if args.peer_dir is not None else []) + [("recipe", c) for c in args.recipes]
         for kind, config in jobs:
+            if i >= args.counts.get(config or "peer", len(args.seeds)):
+                continue
             try:
                 row = run_peer(args, seed, source, raw) if kind == "peer" else run_recipe(args, config, seed)
             except RunFailed as err:

@@ -185,3 +185,66 @@ def test_several_zoo_files_make_one_table_and_a_run_in_two_files_is_refused(tmp_
             tables.main([str(f) for f in files])
         assert exit_.value.code == 1
         assert message in capsys.readouterr().err
+
+
+def _corruptions(folder: Path, model: str, accuracy: dict[tuple[str, int], float]) -> Path:
+    """A tiny corruptions.csv as the robustness job writes it (its columns; the figures given)."""
+    from fmnist_lightning.robustness import CORRUPTION_COLUMNS
+
+    folder.mkdir(parents=True)
+    lines = [",".join(CORRUPTION_COLUMNS)]
+    for (corruption, severity), acc in accuracy.items():
+        images = 10000 if corruption == "clean" else 2000
+        values = {"model": model, "checkpoint": "x.ckpt", "corruption": corruption, "severity": severity}
+        values |= {"images": images, "seed": 0, "accuracy": acc, "error": 1 - acc}
+        lines.append(",".join(str(values.get(c, 0.1)) for c in CORRUPTION_COLUMNS))
+    (folder / "corruptions.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_robustness_rows_carry_the_mce_against_the_reference_by_hand(tmp_path, monkeypatch, tables):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    zoo = importlib.import_module("zoo")
+    mine = {("clean", 0): 0.9, ("noise", 1): 0.8, ("noise", 2): 0.6, ("blur", 1): 0.85, ("blur", 2): 0.7}
+    theirs = {("clean", 0): 0.8, ("noise", 1): 0.6, ("noise", 2): 0.4, ("blur", 1): 0.7, ("blur", 2): 0.5}
+    figures = dict.fromkeys(tables.ZOO_ROBUSTNESS_FIGURES, 0.5)
+    record = {"model": "MLP", "seed": 1, "robustness_seconds": 12.0, **figures}
+    reference = {
+        **record,
+        "model": "LinearClassifier",
+        "robustness_dir": str(_corruptions(tmp_path / "r", "L", theirs)),
+    }
+    record["robustness_dir"] = str(_corruptions(tmp_path / "m", "MLP", mine))
+    row = zoo.robustness_row("configs/mlp.yaml", "", record, reference)
+    # CE_noise = (0.2 + 0.4) / (0.4 + 0.6) = 0.6, CE_blur = (0.15 + 0.3) / (0.3 + 0.5) = 0.5625: mCE 0.58125.
+    assert row["mce"] == pytest.approx(0.58125)
+    # Relative: noise (0.1 + 0.3) / (0.2 + 0.4) = 0.6667, blur (0.05 + 0.2) / (0.1 + 0.3) = 0.625.
+    assert row["relative_mce"] == pytest.approx((2 / 3 + 0.625) / 2)
+    assert row["clean_accuracy"] == pytest.approx(0.9)
+    assert row["corruption_images"] == 2000
+    assert zoo.robustness_row("configs/linear.yaml", "", reference, reference)["mce"] == pytest.approx(1.0)
+
+
+def test_zoo_robustness_table_ranks_by_corruption_accuracy_with_paired_tests(tmp_path, tables, capsys):
+    csv = tmp_path / "zoo_robustness.csv"
+    machine = {"cpu": "Test CPU", "cores": 2, "torch": "2.4.1", "device": "cpu", "date": "2026-01-02"}
+    for seed in (1, 2, 3):
+        for config, model, acc in (("linear.yaml", "LinearClassifier", 0.50), ("mlp.yaml", "MLP", 0.60)):
+            row = {"config": f"configs/{config}", "overrides": "", "model": model, "seed": seed}
+            row |= {
+                "clean_accuracy": 0.85,
+                "corruption_images": 2000,
+                **dict.fromkeys(tables.ZOO_ROBUSTNESS_FIGURES, 0.1),
+            }
+            row |= {"corruption_acc": acc + 0.01 * seed * (model == "MLP"), "mce": 1.0 if model != "MLP" else 0.8}
+            row |= {"relative_mce": 1.0, "mce_reference": "linear.yaml", "robustness_seconds": 10.0, "report_dir": "x"}
+            tables.ZOO_ROBUSTNESS.append(csv, {**row, **machine})
+    tables.main([str(csv)])
+    lines = [compact(ln) for ln in capsys.readouterr().out.splitlines()]
+    mlp = next(ln for ln in lines if ln.startswith("| `MLP` |"))
+    linear = next(ln for ln in lines if ln.startswith("| `LinearClassifier` |"))
+    assert lines.index(mlp) < lines.index(linear)  # the most robust first
+    assert "| **62.0 ± 1.0%** | 0.80 ± 0.00 |" in mlp
+    assert linear.endswith(f"| {tables.p_value(paired_ttest([0.61, 0.62, 0.63], [0.5] * 3).p_value)} "
+                           f"({tables.p_value(paired_ttest([0.61, 0.62, 0.63], [0.5] * 3).p_value)}) |")  # fmt: skip
+    assert any("against `linear.yaml` of the same seed" in ln for ln in lines)
