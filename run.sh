@@ -63,12 +63,10 @@ if [ -n "$TORCH_INDEX" ]; then
     echo "run.sh: no NVIDIA GPU (nvidia-smi not found), but $TORCH_INDEX cannot be reached: torch from pip's usual indexes" >&2
   fi
 fi
-# --no-compile: Python compiles a module to bytecode when it is first imported anyway; compiling every
-# file of torch's CUDA build up front (6 GB installed, most of it never imported here) cost about 20 s.
 # shellcheck disable=SC2086
-"$PY" -m pip install -q --no-compile "${torch_index[@]}" $TORCH_SPEC
+"$PY" -m pip install -q "${torch_index[@]}" $TORCH_SPEC
 "$PY" -c 'import torch; print(f"run.sh: torch {torch.__version__}, built for", f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only")' >&2
-"$PY" -m pip install -q --no-compile -e ".[test]"
+"$PY" -m pip install -q -e ".[test]"
 echo "run.sh: set up in $SECONDS s" >&2
 
 # 3. The job.
