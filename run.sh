@@ -66,6 +66,8 @@ fi
 # shellcheck disable=SC2086
 "$PY" -m pip install -q "${torch_index[@]}" $TORCH_SPEC
 "$PY" -c 'import torch; print(f"run.sh: torch {torch.__version__}, built for", f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only")' >&2
+# Compiled to bytecode at install (pip's default): with PYTHONDONTWRITEBYTECODE set, as on this project's
+# machines, an uncompiled install recompiles every module in every process (imports took twice as long).
 "$PY" -m pip install -q -e ".[test]"
 echo "run.sh: set up in $SECONDS s" >&2
 

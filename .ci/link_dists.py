@@ -10,7 +10,6 @@ system), the file is copied.
 """
 
 import os
-import re
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
@@ -20,7 +19,7 @@ from packaging.requirements import Requirement
 
 
 def closure(names: list[str]) -> list:
-    """The installed distributions named and those they require, extras included (markers for this platform), once each."""
+    """The installed distributions named and those they require, extras included, for this platform; once each."""
     dists: dict[str, object] = {}
     done: set[tuple[str, str]] = set()
     todo = [Requirement(n) for n in names]
@@ -37,9 +36,11 @@ def closure(names: list[str]) -> list:
                 continue
             done.add((name, extra))
             for sub in map(Requirement, dist.requires or []):
-                if sub.marker is None or sub.marker.evaluate({"extra": extra}):
-                    if sub.marker is not None or not extra:
+                if sub.marker is None:  # unconditional: once, with the distribution's own requirements
+                    if not extra:
                         todo.append(sub)
+                elif sub.marker.evaluate({"extra": extra}):
+                    todo.append(sub)
     return list(dists.values())
 
 
