@@ -305,8 +305,10 @@ class _Runner:
                 with self.context():
                     logits = [(self.task(v).float(), w) for v, w in views]
                 # Under TTA as ClassificationTask.predict_proba: the views' weighted mean softmax, here its log.
-                mean = sum(w * v.softmax(dim=1) for v, w in logits)
-                out = logits[0][0] if len(views) == 1 else mean.clamp_min(1e-12).log()
+                if len(views) == 1:
+                    out = logits[0][0]
+                else:
+                    out = sum(w * v.softmax(dim=1) for v, w in logits).clamp_min(1e-12).log()
                 outputs.append(out.cpu())
                 energies.append(sum(w * energy_score(v) for v, w in logits).cpu())
         return _Outputs(torch.cat(outputs), torch.cat(energies))
