@@ -1,15 +1,18 @@
 """Epoch speed, side by side: compute bound vs this package vs the usual PyTorch pipeline.
 
-For each model and precision, three measurements on the same machine, model, batch size and
+For each model and precision, four measurements on the same machine, model, batch size and
 augmentation (random crop with padding 2, horizontal flip, rotation up to 10 degrees, normalise):
 
 1. ``bound``: forward + backward + optimizer step on one in-memory synthetic batch in a bare loop,
    channels-last (the best this hardware gives for the model and precision); per-epoch time is
    the training images divided by its throughput, plus the validation pass at the same rate of
    inference.
-2. ``package``: ``Trainer.fit`` for one epoch (train + validation) with the package's default data
+2. ``loop``: the package's data path (its data module's batches and on-device transform) and the
+   same network and optimizer in a bare PyTorch loop, no Lightning: against ``package``, what
+   Lightning's loop and the task's logging and metrics cost; timed as ``package`` (setup included).
+3. ``package``: ``Trainer.fit`` for one epoch (train + validation) with the package's default data
    path, its wall time measured around ``fit`` (data loading and setup included).
-3. ``usual``: torchvision's ``FashionMNIST`` with per-image PIL transforms through a
+4. ``usual``: torchvision's ``FashionMNIST`` with per-image PIL transforms through a
    ``DataLoader`` and a plain PyTorch loop (train + validation), NCHW as such code is written.
 
 Each measurement runs in its own process, which reports its peak resident memory. ``--csv`` appends
@@ -37,7 +40,7 @@ from results_tables import EPOCH_SPEED
 
 BATCH_SIZE, EVAL_BATCH_SIZE, PADDING, ROTATION = 128, 256, 2, 10.0
 VAL_SPLIT, SEED = 5000, 42
-PATHS = ("bound", "package", "usual")
+PATHS = ("bound", "loop", "package", "usual")
 PRECISIONS = ("32-true", "bf16-mixed")  # what autocast() below knows
 
 
@@ -98,14 +101,14 @@ def run_bound(model_name: str, precision: str, limit: int | None) -> dict:
     return {"train_img_s": train_ips, "epoch_s": epoch_s}
 
 
-def run_package(model_name: str, precision: str, limit: int | None, data_dir: str) -> dict:
-    from lightning.pytorch import Trainer, seed_everything
+def package_data(data_dir: str):
+    """The package's data module with the benchmark's split, batch sizes and augmentation (seeded)."""
+    from lightning.pytorch import seed_everything
 
-    from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
-    from fmnist_lightning.callbacks import EpochTimer
+    from fmnist_lightning import FashionMNISTDataModule
 
     seed_everything(SEED)
-    dm = FashionMNISTDataModule(
+    return FashionMNISTDataModule(
         data_dir=data_dir,
         val_split=VAL_SPLIT,
         batch_size=BATCH_SIZE,
@@ -114,6 +117,46 @@ def run_package(model_name: str, precision: str, limit: int | None, data_dir: st
         hflip_prob=0.5,
         rotation_degrees=ROTATION,
     )
+
+
+def run_loop(model_name: str, precision: str, limit: int | None, data_dir: str) -> dict:
+    dm = package_data(data_dir)
+    model = build_model(model_name)
+    opt = make_optimizer(model.parameters())
+    init = getattr(model, "init_from_batch", None)  # AirbenchNet's whitening stem, as the task sets it
+    start = time.perf_counter()
+    dm.setup("fit")
+    model.train()
+    n_train, train_start = 0, time.perf_counter()
+    for i, (images, labels) in enumerate(dm.train_dataloader()):
+        if limit and i == limit:
+            break
+        x = dm.transform(images, train=True)
+        if i == 0 and init is not None:
+            init(x)
+        with autocast(precision):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_train += len(labels)
+    train_s = time.perf_counter() - train_start
+    model.eval()
+    with torch.inference_mode(), autocast(precision):
+        for i, (images, _) in enumerate(dm.val_dataloader()):
+            if limit and i == limit:
+                break
+            model(dm.transform(images, train=False))
+    return {"train_img_s": n_train / train_s, "epoch_s": time.perf_counter() - start}
+
+
+def run_package(model_name: str, precision: str, limit: int | None, data_dir: str) -> dict:
+    from lightning.pytorch import Trainer
+
+    from fmnist_lightning import ClassificationTask
+    from fmnist_lightning.callbacks import EpochTimer
+
+    dm = package_data(data_dir)
     task = ClassificationTask(build_model(model_name), optimizer=make_optimizer)
     trainer = Trainer(
         max_epochs=1,
@@ -188,6 +231,8 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.path == "bound":
         result = run_bound(args.model, args.precision, args.limit_batches)
+    elif args.path == "loop":
+        result = run_loop(args.model, args.precision, args.limit_batches, args.data_dir)
     elif args.path == "package":
         result = run_package(args.model, args.precision, args.limit_batches, args.data_dir)
     else:

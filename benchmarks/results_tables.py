@@ -14,9 +14,9 @@ Four layouts, one row per training run (or measurement), each row naming its mac
   tables give accuracy and time mean ± std per run, and the ratios of the time-to-accuracy
   targets (:data:`TARGETS`).
 - ``epoch_speed`` (written by ``epoch_speed.py --csv``): model, precision, path (compute bound,
-  this package, the usual PIL pipeline), repeat, batches per epoch, images per second, epoch seconds,
-  peak memory. Its table gives mean ± std over the repeats and the ratios to the bound and the usual
-  pipeline.
+  a bare loop over this package's data, this package, the usual PIL pipeline), repeat, batches per
+  epoch, images per second, epoch seconds, peak memory. Its table gives mean ± std over the repeats
+  and the ratios to the bound and the usual pipeline.
 - ``sweep_throughput`` (written by ``sweep_throughput.py --csv``): model, ``--jobs``, threads per
   worker, repeat, the k-fold study's size, images trained, wall seconds of the whole command. Its
   table gives images per second mean ± std over the repeats, the ratio to ``--jobs 1`` and the
@@ -164,7 +164,7 @@ EPOCH_SPEED = Layout(
     {
         "model": str,
         "precision": str,
-        "path": str,  # "bound", "package" or "usual" (epoch_speed.py's docstring)
+        "path": str,  # "bound", "loop", "package" or "usual" (epoch_speed.py's docstring)
         "repeat": int,  # 1-based: the paths run round-robin within a repeat
         "limit_batches": int,  # empty for whole epochs
         "workers": int,  # DataLoader workers of the usual pipeline

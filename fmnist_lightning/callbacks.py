@@ -244,6 +244,7 @@ HPARAM_COLUMNS: tuple[tuple[str, str, summary_v2.Domain | None], ...] = tuple(
             ("lr_scheduler", None),
             ("augment", summary_v2.Discrete([False, True])),
             ("hflip_prob", None),
+            ("flip_schedule", summary_v2.Discrete(["alternate", "random"])),
             ("crop_padding", None),
             ("rotation_degrees", None),
             ("erasing_prob", None),
@@ -283,7 +284,8 @@ def tuned_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, boo
     configs = trainer.lr_scheduler_configs
     values["lr_scheduler"] = type(configs[0].scheduler).__name__ if configs else "none"
     data = dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {}
-    for key in ("batch_size", "augment", "hflip_prob", "crop_padding", "rotation_degrees", "erasing_prob"):
+    augmentation = ("augment", "hflip_prob", "flip_schedule", "crop_padding", "rotation_degrees", "erasing_prob")
+    for key in ("batch_size", *augmentation):
         if key in data:
             values[key] = data[key]
     for key in ("label_smoothing", "tta_flip", "tta_shift"):

@@ -288,10 +288,15 @@ class InMemoryDataset(Dataset):
     ``DataLoader`` calls ``__getitems__`` with the batch's indices when it exists, so samplers
     (Lightning's ``DistributedSampler`` under DDP included) keep working while batches are built by
     tensor indexing instead of per-image calls and collation.
+
+    Args:
+        images: ``(N, ...)`` images.
+        labels: ``(N,)`` labels.
+        with_index: Batches also carry the images' indices into the dataset, ``(images, labels, index)``.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor, with_index: bool = False) -> None:
+        self.images, self.labels, self.with_index = images, labels, with_index
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -299,9 +304,9 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
         idx = torch.as_tensor(indices, device=self.images.device)
-        return self.images[idx], self.labels[idx]
+        return (self.images[idx], self.labels[idx], idx) if self.with_index else (self.images[idx], self.labels[idx])
 
 
 def _batch_as_is(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -334,6 +339,10 @@ class FashionMNISTDataModule(LightningDataModule):
         augment: Master switch of train-time augmentation; the four options below set each operation.
         crop_padding: Random crop after padding by this many pixels (0: off).
         hflip_prob: Probability of a horizontal flip (0: off).
+        flip_schedule: ``random``: each training image is flipped with ``hflip_prob`` afresh every
+            epoch. ``alternate`` (airbench's alternating flips): a random share ``hflip_prob`` of the
+            images is flipped in the first epoch and every image is flipped in the epochs where it
+            was not before, so every two epochs show each image both ways.
         rotation_degrees: Maximum rotation angle in degrees (0: off).
         erasing_prob: Probability of random erasing (0: off).
         data_on_device: Keep the whole dataset on the accelerator (GPU/MPS) when training on one.
@@ -358,6 +367,7 @@ class FashionMNISTDataModule(LightningDataModule):
         augment: bool = True,
         crop_padding: int = _AUGMENT_DEFAULTS["crop_padding"],
         hflip_prob: float = _AUGMENT_DEFAULTS["hflip_prob"],
+        flip_schedule: Literal["random", "alternate"] = "random",
         rotation_degrees: float = _AUGMENT_DEFAULTS["rotation_degrees"],
         erasing_prob: float = _AUGMENT_DEFAULTS["erasing_prob"],
         data_on_device: bool = True,
@@ -383,8 +393,14 @@ class FashionMNISTDataModule(LightningDataModule):
         self.fold = 0 if fold is None else fold
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.normalization, self.data_on_device = normalization, data_on_device
-        self.augmentation = BatchAugment(crop_padding, hflip_prob, rotation_degrees, erasing_prob)
-        self.augment = augment and self.augmentation.enabled
+        if flip_schedule not in ("random", "alternate"):
+            raise ConfigError(f"flip_schedule must be 'random' or 'alternate', got {flip_schedule!r}.")
+        alternate = flip_schedule == "alternate" and augment and hflip_prob > 0
+        # Alternating flips are applied by this module (they need each image's index), the rest by BatchAugment.
+        self.augmentation = BatchAugment(crop_padding, 0.0 if alternate else hflip_prob, rotation_degrees, erasing_prob)
+        self.augment = augment and (self.augmentation.enabled or alternate)
+        self.alternate_flips, self.hflip_prob = alternate, hflip_prob
+        self.first_flips: Tensor | None = None  # alternate: which training images the first epoch flips
         self.class_names = CLASS_NAMES
         self.train_set: InMemoryDataset | None = None
         self.val_set: InMemoryDataset | None = None
@@ -425,7 +441,10 @@ class FashionMNISTDataModule(LightningDataModule):
             arrays = load_fashion_mnist(self.data_dir, self.system_dir, download=False)
             self.train_idx, self.val_idx = self.split_indices(arrays["train_labels"])
             images, labels = arrays["train_images"], arrays["train_labels"]
-            self.train_set = InMemoryDataset(images[self.train_idx].to(device), labels[self.train_idx].to(device))
+            train_images, train_labels = images[self.train_idx].to(device), labels[self.train_idx].to(device)
+            self.train_set = InMemoryDataset(train_images, train_labels, with_index=self.alternate_flips)
+            if self.alternate_flips:  # drawn from the training seed (seed_everything), as the other augmentations
+                self.first_flips = torch.rand(len(train_labels), device=device) < self.hflip_prob
             self.val_set = InMemoryDataset(images[self.val_idx].to(device), labels[self.val_idx].to(device))
         if stage in (None, "predict") and self.predict_dir is not None and self.predict_set is None:
             self.predict_set = ImageFilesDataset(self.predict_dir)
@@ -490,4 +509,9 @@ class FashionMNISTDataModule(LightningDataModule):
         """Convert, augment (training batches only) and normalise on the batch's device."""
         images, labels, *files = batch  # the user's images (predict_dir) carry their paths too
         train = self.trainer is not None and self.trainer.training
+        if train and self.alternate_flips:
+            (index,) = files  # the training set carries each image's index
+            files = []
+            flip = self.first_flips[index] ^ bool(self.trainer.current_epoch % 2)
+            images = torch.where(flip.view(-1, 1, 1), images.flip(-1), images)
         return (self.transform(images, train), labels, *files)

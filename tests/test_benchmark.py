@@ -27,7 +27,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_path, data_dir, monkeypatch):
+def test_epoch_speed_benchmark_measures_all_four_paths_into_a_results_file(tmp_path, data_dir, monkeypatch):
     out = tmp_path / "speed.csv"
     args = ["--models", "LightweightCNN", "--precisions", "32-true", "--limit-batches", "2"]
     done = run_script(*args, "--workers", "0", "--data-dir", str(data_dir), "--csv", str(out))
@@ -36,12 +36,12 @@ def test_epoch_speed_benchmark_measures_all_three_paths_into_a_results_file(tmp_
     import results_tables
 
     rows = results_tables.EPOCH_SPEED.read(out)
-    assert [r["path"] for r in rows] == ["bound", "package", "usual"]
+    assert [r["path"] for r in rows] == ["bound", "loop", "package", "usual"]
     assert {(r["repeat"], r["limit_batches"], r["workers"]) for r in rows} == {(1, 2, 0)}
     for r in rows:
         assert min(r["train_img_s"], r["epoch_s"], r["peak_rss_mb"]) > 0
     printed = [compact(line) for line in done.stdout.splitlines() if line.startswith("| LightweightCNN")]
-    assert len(printed) == 3
+    assert len(printed) == 4
     assert printed[0].split("|")[3].strip() == "bound (2 batches)"  # a shortened epoch says so
     assert printed[0].split("|")[7].strip() == "1.00x"  # the bound against itself
     rendered = results_tables.render(out).splitlines()

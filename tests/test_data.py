@@ -210,3 +210,60 @@ def test_augmentation_only_on_training_batches(data_dir, tmp_path):
             assert not torch.allclose(out, plain)
         else:
             assert torch.equal(out, plain)
+
+
+class IndexRecordingDataModule(FashionMNISTDataModule):
+    """The real data module, recording each training batch's epoch, indices, raw images and output."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.records = []
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        out = super().on_after_batch_transfer(batch, dataloader_idx)
+        if self.trainer.training:
+            epoch, (raw, _, index) = self.trainer.current_epoch, batch
+            self.records.append((epoch, index.clone(), raw.clone(), out[0].clone()))
+        return out
+
+
+def test_alternating_flips_show_each_image_both_ways_every_two_epochs(data_dir, tmp_path):
+    dm = IndexRecordingDataModule(
+        data_dir=str(data_dir), batch_size=256, crop_padding=0, flip_schedule="alternate", val_split=0.5
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(ClassificationTask(TinyVGG(widths=(8, 16))), datamodule=dm)
+    assert dm.first_flips.shape == (30_000,)
+    assert 0.45 < dm.first_flips.float().mean() < 0.55
+    assert {epoch for epoch, *_ in dm.records} == {0, 1, 2}
+    for epoch, index, raw, out in dm.records:
+        # Only the batch's indices (stripped before the task sees them) say which images flip.
+        assert out.shape == (256, 1, 28, 28)
+        plain, mirrored = dm.transform(raw, train=False), dm.transform(raw.flip(-1), train=False)
+        flipped = dm.first_flips[index] ^ (epoch % 2 == 1)
+        assert torch.equal(out[flipped], mirrored[flipped])
+        assert torch.equal(out[~flipped], plain[~flipped])
+        assert 0 < flipped.sum() < 256
+
+
+def test_alternating_flips_follow_the_augment_switches(data_dir):
+    assert FashionMNISTDataModule(flip_schedule="alternate").alternate_flips
+    assert not FashionMNISTDataModule(flip_schedule="alternate", hflip_prob=0).alternate_flips
+    assert not FashionMNISTDataModule(flip_schedule="alternate", augment=False).augment
+    with pytest.raises(ConfigError, match="flip_schedule"):
+        FashionMNISTDataModule(flip_schedule="sometimes")
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), flip_schedule="alternate")
+    dm.setup("fit")
+    # The validation set never carries indices (nor flips).
+    assert len(next(iter(dm.val_dataloader()))) == 2
+    assert len(next(iter(dm.train_dataloader()))) == 3

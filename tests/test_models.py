@@ -174,3 +174,19 @@ def test_airbench_block_convolutions_start_as_the_identity():
     out = conv(x)
     assert torch.equal(out[:, :24], x)  # the first 24 filters pass their channel through
     assert out[:, 24:].abs().sum() > 0  # the rest start random
+
+
+def test_airbench_frozen_bn_scales_stay_at_one_while_the_shifts_learn(arrays):
+    x, y = normalised(arrays, 64), arrays["train_labels"][:64]
+    model = models.AirbenchNet(widths=(8, 16, 16), bn_weight=False)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert not any(m.weight.requires_grad for m in norms)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert any(m.bias.abs().sum() > 0 for m in norms)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    default = models.AirbenchNet(widths=(8, 16, 16))
+    assert trainable == sum(p.numel() for p in default.parameters() if p.requires_grad) - 2 * (8 + 16 + 16)

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
-from fmnist_lightning.models import AirbenchNet
+from fmnist_lightning.models import AirbenchNet, LinearClassifier
 
 
 class FirstBatch(Callback):
@@ -72,3 +72,33 @@ def test_ddp_ranks_share_rank_zeros_whitening(data_dir, tmp_path):
         data_dir, tmp_path, AirbenchNet(widths=(8, 16, 16)), StemsAgree(str(out)), strategy="ddp_spawn", devices=2
     )
     assert out.read_text() == "True"
+
+
+@pytest.mark.slow
+def test_a_compiled_network_trains_and_checkpoints_as_the_eager_one(data_dir, tmp_path):
+    torch.manual_seed(0)
+    model, eager = LinearClassifier(), LinearClassifier()  # compiles in seconds (a CNN: a minute on 2 cores)
+    eager.load_state_dict(model.state_dict())
+    task = ClassificationTask(model, compile=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64))
+    assert task._compiled
+    # Compiled in place: the checkpoint's keys are the eager network's, and an eager task loads it.
+    [checkpoint] = (tmp_path / "checkpoints").glob("*.ckpt") or list(tmp_path.rglob("*.ckpt"))
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert {k.removeprefix("model.") for k in state if k.startswith("model.")} == set(eager.state_dict())
+    eager.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    x = torch.randn(16, 1, 28, 28)
+    task.eval(), eager.eval()
+    with torch.no_grad():
+        assert torch.allclose(task(x), eager(x), atol=1e-5)

@@ -57,6 +57,8 @@ class AirbenchNet(nn.Module):
             layer, ``2 * in_channels * k * k`` channels; 0: no stem, the first block sees the image.
         logit_scale: Multiplies the logits (airbench's 1/9 keeps the initial logits small).
         bn_momentum: Momentum of the BN running statistics (PyTorch's convention).
+        bn_weight: Train the BN scales; ``False`` keeps them at 1 and trains only the shifts, as
+            airbench does (a scale after a convolution only repeats what the filters can learn).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class AirbenchNet(nn.Module):
         whitening_kernel: int = 2,
         logit_scale: float = 1 / 9,
         bn_momentum: float = 0.1,
+        bn_weight: bool = True,
     ) -> None:
         super().__init__()
         if whitening_kernel < 0:
@@ -86,6 +89,10 @@ class AirbenchNet(nn.Module):
             blocks.append(airbench_block(channels, width, bn_momentum))
             channels = width
         self.blocks = nn.Sequential(*blocks)
+        if not bn_weight:
+            for module in self.blocks.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.weight.requires_grad_(False)
         self.pool = nn.AdaptiveMaxPool2d(1)  # (B, C, s, s) -> (B, C, 1, 1)
         self.head = nn.Linear(channels, num_classes, bias=False)
         self.logit_scale = logit_scale
