@@ -491,9 +491,13 @@ def shortcut_args(args: Sequence[str]) -> list[str]:
 
 
 def nested(overrides: Mapping[str, Any]) -> Namespace:
-    """Dotted keys (``model.optimizer.init_args.lr``) as the nested namespace a parser merges."""
+    """Dotted keys (``model.optimizer.init_args.lr``) as the nested namespace a parser merges.
+
+    The values are copied: the parser turns the mappings it merges (a ``class_path`` and its
+    ``init_args``) into namespaces in place, which would change the caller's overrides.
+    """
     out = Namespace()
-    for key, value in overrides.items():
+    for key, value in copy.deepcopy(dict(overrides)).items():
         out[key] = value
     return out
 

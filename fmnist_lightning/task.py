@@ -231,8 +231,12 @@ class ClassificationTask(LightningModule):
             out["files"] = files[0]
         return out
 
-    def configure_model(self) -> None:
-        """Compile the network in place when asked (Lightning calls this before every fit, test and predict)."""
+    def setup(self, stage: str) -> None:
+        """Compile the network in place when asked (Lightning calls this before every fit, test and predict).
+
+        Here rather than in ``configure_model``: Lightning's weight averaging (EMA) warns about any
+        task that overrides that hook, which is meant for sharded models.
+        """
         if self.compile_network and not self._compiled:
             self.model.compile()
             self._compiled = True

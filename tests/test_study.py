@@ -40,7 +40,7 @@ from fmnist_lightning.studies import (
     storage,
 )
 from fmnist_lightning.studies.results import Collected, compare_to_reference
-from fmnist_lightning.studies.spec import Point
+from fmnist_lightning.studies.spec import Point, format_value
 
 from .conftest import LINEAR, ROOT, fast_fit_args
 
@@ -180,6 +180,24 @@ def test_every_shipped_sweep_file_plans_against_its_config():
             assert plan.space, path.name
         else:
             assert plan.cells(), path.name
+        for point in plan.points:  # plain data: the results tables write every arm's overrides as JSON
+            assert all(isinstance(format_value(v), str) for v in point.params.values()), (path.name, point.name)
+
+
+def test_ablation_arms_that_set_classes_keep_them_as_plain_data(tmp_path):
+    sweep = tmp_path / "arms.yaml"
+    sweep.write_text(
+        "seeds: 1\nablation:\n  variants:\n"
+        "    sgd: {model.optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.1}}}\n"
+        "    ema:\n      trainer.callbacks:\n"
+        "        - {class_path: lightning.pytorch.callbacks.EMAWeightAveraging, init_args: {decay: 0.9}}\n"
+    )
+    plan = plan_sweep(["--config", str(ROOT / "configs" / "linear.yaml")], sweep)
+    params = {p.name: p.params for p in plan.points}
+    assert params["sgd"] == {"model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}}
+    [callback] = params["ema"]["trainer.callbacks"]
+    assert callback == {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}
+    assert "EMAWeightAveraging" in format_value(params["ema"]["trainer.callbacks"])
 
 
 # ---------------------------------------------------------------------------------------------

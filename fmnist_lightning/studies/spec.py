@@ -501,11 +501,23 @@ def _check_key(key: Any, where: str) -> str:
 
 
 def _parsed(cfg: Namespace, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The given keys' values as the parser read them (``5e-3``, a string to YAML, becomes 0.005)."""
+    """The given keys' values as the parser read them (``5e-3``, a string to YAML, becomes 0.005).
+
+    Classes (``class_path`` and ``init_args``), alone or in a list, are kept as given: plain data.
+    """
+
+    def plain(value: Any) -> Any:  # the parser may have turned the given mappings into namespaces too
+        if isinstance(value, Namespace):
+            return value.as_dict()
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
     out = {}
     for key, value in given.items():
         parsed = cfg.get(key, value)
-        out[key] = value if isinstance(parsed, Namespace) else list(parsed) if isinstance(parsed, tuple) else parsed
+        classes = isinstance(parsed, Namespace) or (
+            isinstance(parsed, list | tuple) and any(isinstance(v, Namespace) for v in parsed)
+        )
+        out[key] = plain(value if classes else parsed)
     return out
 
 
