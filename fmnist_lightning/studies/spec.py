@@ -505,19 +505,13 @@ def _parsed(cfg: Namespace, given: Mapping[str, Any]) -> dict[str, Any]:
 
     Classes (``class_path`` and ``init_args``), alone or in a list, are kept as given: plain data.
     """
-
-    def plain(value: Any) -> Any:  # the parser may have turned the given mappings into namespaces too
-        if isinstance(value, Namespace):
-            return value.as_dict()
-        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
-
     out = {}
     for key, value in given.items():
         parsed = cfg.get(key, value)
         classes = isinstance(parsed, Namespace) or (
             isinstance(parsed, list | tuple) and any(isinstance(v, Namespace) for v in parsed)
         )
-        out[key] = plain(value if classes else parsed)
+        out[key] = value if classes else list(parsed) if isinstance(parsed, tuple) else parsed
     return out
 
 
