@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
 from fmnist_lightning import training
 from fmnist_lightning.data import SYSTEM_DATA_DIR, load_fashion_mnist
@@ -53,6 +54,24 @@ def fast_fit_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
         "--trainer.enable_model_summary=false",
         *extra,
     ]
+
+
+def quiet_trainer(root: Path, **overrides) -> Trainer:
+    """A real CPU ``Trainer`` for an in-process test: a few batches, no sanity check, logger, checkpoints,
+    bar or summary unless ``overrides`` ask for them (any ``Trainer`` argument), output under ``root``."""
+    settings = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": root,
+    }
+    return Trainer(**{**settings, **overrides})
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from fmnist_lightning import BatchAugment, ClassificationTask, ConfigError, DataError, FashionMNISTDataModule
 from fmnist_lightning.data import (
@@ -15,6 +14,8 @@ from fmnist_lightning.data import (
     stratified_split,
 )
 from fmnist_lightning.models import TinyVGG
+
+from .conftest import quiet_trainer
 
 
 def test_arrays_are_the_real_dataset(arrays):
@@ -187,18 +188,7 @@ class RecordingDataModule(FashionMNISTDataModule):
 
 def test_augmentation_only_on_training_batches(data_dir, tmp_path):
     dm = RecordingDataModule(data_dir=str(data_dir), batch_size=32, eval_batch_size=32, rotation_degrees=10)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        limit_test_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, limit_val_batches=2, limit_test_batches=2)
     task = ClassificationTask(TinyVGG(widths=(8, 16)))
     trainer.fit(task, datamodule=dm)
     trainer.test(task, datamodule=dm)
@@ -231,17 +221,7 @@ def test_alternating_flips_show_each_image_both_ways_every_two_epochs(data_dir, 
     dm = IndexRecordingDataModule(
         data_dir=str(data_dir), batch_size=256, crop_padding=0, flip_schedule="alternate", val_split=0.5
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=3, limit_train_batches=3)
     trainer.fit(ClassificationTask(TinyVGG(widths=(8, 16))), datamodule=dm)
     assert dm.first_flips.shape == (30_000,)
     assert 0.45 < dm.first_flips.float().mean() < 0.55

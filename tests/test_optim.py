@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
@@ -10,6 +10,8 @@ from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
 from fmnist_lightning.augment import translate, tta_views
 from fmnist_lightning.models import AirbenchNet
 from fmnist_lightning.optim import FilterMuon, orthogonalize
+
+from .conftest import quiet_trainer
 
 
 def test_orthogonalize_approaches_the_polar_factor():
@@ -140,18 +142,8 @@ def test_lightnings_ema_leaves_the_task_holding_the_average_by_hand(data_dir, tm
     # averages this task's network (channels-last, a frozen whitening stem) as EMA's formula says.
     torch.manual_seed(0)
     model, weights = AirbenchNet(widths=(8, 8, 8)), Weights()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[weights, EMAWeightAveraging(decay=0.5, update_starting_at_step=1)],
-    )
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1)
+    trainer = quiet_trainer(tmp_path, limit_train_batches=4, limit_val_batches=0, callbacks=[weights, ema])
     task = ClassificationTask(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     trainer.fit(task, FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64))
     assert len(weights.steps) == 4

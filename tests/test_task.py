@@ -9,6 +9,8 @@ from lightning.pytorch import Callback, Trainer
 from fmnist_lightning import ClassificationTask, FashionMNISTDataModule
 from fmnist_lightning.models import AirbenchNet, LinearClassifier
 
+from .conftest import quiet_trainer
+
 
 class FirstBatch(Callback):
     """Keep the images of the first training batch as the task receives them (callbacks run first)."""
@@ -22,20 +24,7 @@ class FirstBatch(Callback):
 
 
 def small_fit(data_dir: Path, tmp_path: Path, model: AirbenchNet, *callbacks: Callback, **trainer_args) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        **trainer_args,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=list(callbacks), **trainer_args)
     trainer.fit(ClassificationTask(model), FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64))
     return trainer
 
@@ -80,17 +69,7 @@ def test_a_compiled_network_trains_and_checkpoints_as_the_eager_one(data_dir, tm
     model, eager = LinearClassifier(), LinearClassifier()  # compiles in seconds (a CNN: a minute on 2 cores)
     eager.load_state_dict(model.state_dict())
     task = ClassificationTask(model, compile=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, enable_checkpointing=True)
     trainer.fit(task, FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64))
     assert task._compiled
     # Compiled in place: the checkpoint's keys are the eager network's, and an eager task loads it.
