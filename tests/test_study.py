@@ -56,8 +56,8 @@ def study_args(data_dir: Path, logs: Path, *extra: str) -> list[str]:
     return [*LINEAR, *fast_fit_args(data_dir, logs, *extra)]
 
 
-def load(out: Path, url: str | None = None) -> optuna.Study:
-    """The study of a study folder, from its journal (or ``url``)."""
+def load(out: Path, url: str | optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """The study of a study folder, from its journal (or ``url``, or a storage opened before)."""
     storage_ = url or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))
     )
@@ -553,7 +553,7 @@ def postgres_url(postgres_port):
 
 @pytest.mark.slow
 def test_postgres_two_commands_share_a_sweep_survive_a_kill_and_rerun_trains_nothing(
-    tmp_path, data_dir, monkeypatch, postgres_url
+    tmp_path, data_dir, monkeypatch, request, postgres_url
 ):
     monkeypatch.chdir(tmp_path)
     sweep = sweep_file(tmp_path, "seeds: 3\ngrid:\n  model.optimizer.init_args.lr: [1.0e-3, 1.0e-2]\n")
@@ -563,10 +563,16 @@ def test_postgres_two_commands_share_a_sweep_survive_a_kill_and_rerun_trains_not
     # A short grace period: the second command redoes the killed one's cell once its heartbeats stop.
     argv = ["sweep", "--sweep", str(sweep), "--jobs", "1", "--storage", postgres_url, *BEATS, *args]
     first, second = launch(tmp_path, argv, "first.log"), launch(tmp_path, argv, "second.log")
+    # One storage (one connection pool) for all the polling below: a storage per poll held a
+    # connection each until collected, and on a slow machine they filled the server's 100 slots.
+    polled = optuna.storages.RDBStorage(postgres_url)
+    request.addfinalizer(polled.engine.dispose)
+    for proc in (first, second):  # a failed assertion leaves no command behind holding connections
+        request.addfinalizer(lambda p=proc: p.poll() is None and (p.kill(), p.wait()))
 
     def done_by(proc: subprocess.Popen) -> int:
         with contextlib.suppress(Exception):  # the study may not exist yet
-            records = [r for rs in completed(load(plan.study_dir, postgres_url)).values() for r in rs]
+            records = [r for rs in completed(load(plan.study_dir, polled)).values() for r in rs]
             return sum(r["worker"].endswith(f":{proc.pid}") for r in records)
         return 0
 
