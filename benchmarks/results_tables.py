@@ -1,7 +1,7 @@
 """Results files under ``docs/results/``: the one writer and reader of their CSV layouts, and the
 markdown tables the docs site shows (rendered at build time by ``docs/hooks.py``), made from them alone.
 
-Four layouts, one row per training run (or measurement), each row naming its machine (CPU model from
+The layouts, one row per training run (or measurement), each row naming its machine (CPU model from
 ``/proc/cpuinfo``, usable cores, torch version, device) and date:
 
 - ``zoo`` (written by ``zoo.py``): config, overrides, model, parameters, seed, test accuracy,
@@ -17,6 +17,10 @@ Four layouts, one row per training run (or measurement), each row naming its mac
   a bare loop over this package's data, this package, the usual PIL pipeline), repeat, batches per
   epoch, images per second, epoch seconds, peak memory. Its table gives mean ± std over the repeats
   and the ratios to the bound and the usual pipeline.
+- ``zoo_robustness`` and ``zoo_corruptions`` (written by ``zoo.py --robustness-csv`` and
+  ``--corruptions-csv``): a run's robustness figures, and its accuracy per corruption and severity.
+  Their tables give mean ± std over the seeds of each config with the paired t-test against the most
+  robust, and the accuracy per corruption and config averaged over the severities and seeds.
 - ``sweep_throughput`` (written by ``sweep_throughput.py --csv``): model, ``--jobs``, threads per
   worker, repeat, the k-fold study's size, images trained, wall seconds of the whole command. Its
   table gives images per second mean ± std over the repeats, the ratio to ``--jobs 1`` and the
@@ -27,6 +31,12 @@ Usage:
     python benchmarks/results_tables.py docs/results/zoo.csv --pair fashioncnn.yaml fashioncnn_study001.yaml
     python benchmarks/results_tables.py docs/results/time_to_accuracy.csv
     python benchmarks/results_tables.py docs/results/zoo_a.csv docs/results/zoo_b.csv --pair a.yaml b.yaml  # one table
+    python benchmarks/results_tables.py --headline docs/results/zoo_a.csv a.yaml \
+        --headline docs/results/time_to_accuracy.csv fast   # one row per run named, from any files
+
+``--headline FILE NAME`` (repeated) makes one summary table of chosen runs across files and layouts
+(zoo or time to accuracy): test accuracy mean ± std over the seeds, fit and test seconds, machine
+and date, one row each.
 
 The files are read and written by pandas and the tables made by ``fmnist_lightning.io.markdown_table``
 (pandas' ``to_markdown``); what is here is what no library knows: the layouts, and which numbers each
@@ -215,7 +225,21 @@ ZOO_ROBUSTNESS = Layout(
         **MACHINE_COLUMNS,
     },
 )
-LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED, SWEEP_THROUGHPUT, ZOO_ROBUSTNESS)
+ZOO_CORRUPTIONS = Layout(
+    "zoo_corruptions",
+    {
+        "config": str,
+        "overrides": str,
+        "model": str,
+        "seed": int,
+        "corruption": str,  # fmnist_lightning.corruptions' name; "clean" at severity 0
+        "severity": int,
+        "images": int,
+        "accuracy": float,
+        **MACHINE_COLUMNS,  # the run's own: its zoo_robustness row's
+    },
+)
+LAYOUTS = (ZOO, TIME_TO_ACCURACY, EPOCH_SPEED, SWEEP_THROUGHPUT, ZOO_ROBUSTNESS, ZOO_CORRUPTIONS)
 PEER = "peer"
 
 
@@ -703,13 +727,80 @@ def render(paths: str | Path | Sequence[str | Path], pairs: Sequence[tuple[str, 
         return sweep_throughput_table(rows)
     if layout is ZOO_ROBUSTNESS:
         return zoo_robustness_table(rows)
+    if layout is ZOO_CORRUPTIONS:
+        return zoo_corruptions_table(rows)
     return time_to_accuracy_tables(rows)
+
+
+def zoo_corruptions_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """Accuracy per corruption (rows) and config (columns), in %, mean over the severities and seeds."""
+    if not rows:
+        return "(no results)"
+    corrupted = [r for r in rows if int(r["severity"]) > 0]
+    configs = list(_group(corrupted, "config", "overrides"))
+    corruptions = list(dict.fromkeys(str(r["corruption"]) for r in corrupted))
+    cells = _group(corrupted, "corruption", "config", "overrides")
+
+    def mean(corruption: str, key: tuple) -> str:
+        return f"{100 * statistics.mean(float(r['accuracy']) for r in cells[(corruption, *key)]):.1f}"
+
+    lines = [[c.replace("_", " "), *(mean(c, k) for k in configs)] for c in corruptions]
+    seeds = sorted({int(r["seed"]) for r in corrupted})
+    severities = sorted({int(r["severity"]) for r in corrupted})
+    header = ["corruption", *(_config_label(*k).replace("`", "") for k in configs)]
+    out = _table(header, lines, "l" + "r" * len(configs))
+    note = f"Mean over severities {severities[0]}-{severities[-1]} and seeds {', '.join(map(str, seeds))}."
+    return "\n".join([*out, "", note, "", machines_line(rows)])
+
+
+# --- headline rows across files --------------------------------------------------------------------
+
+
+def _headline_group(path: Path, name: str) -> list[Mapping[str, object]]:
+    """The rows of ``path`` that are the run ``name``: a zoo file's config (then its overrides, if it
+    has any), or a time-to-accuracy file's run (a config's name with or without ``.yaml``)."""
+    layout = layout_of(path)
+    rows = layout.read(path)
+    if layout is ZOO:
+        groups = [g for key, g in _group(rows, "config", "overrides").items() if _row_matches(key, name)]
+    elif layout is TIME_TO_ACCURACY:
+        groups = [g for (run,), g in _group(rows, "run").items() if run in (name, Path(name).stem)]
+    else:
+        raise ValueError(f"--headline takes zoo or time_to_accuracy files; {path.name} is {layout.name}")
+    if len(groups) != 1:
+        raise ValueError(f"{path.name} has no full-length run {name!r}")
+    return groups[0]
+
+
+def headline_table(selection: Sequence[tuple[str | Path, str]]) -> str:
+    """One row per ``(file, run name)``: test accuracy over the seeds, fit and test seconds, machine, date."""
+    lines = []
+    for path, name in selection:
+        group = _headline_group(Path(path), name)
+        fit = [float(r["fit_seconds"]) for r in group]
+        minutes = f" ({statistics.mean(fit) / 60:.1f} min)" if statistics.mean(fit) >= 120 else ""
+        first = group[0]
+        dates = sorted({str(r["date"]) for r in group})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines.append(
+            [
+                _config_label(str(first.get("config") or first["source"]), str(first["overrides"])),
+                percent([float(r["test_accuracy"]) for r in group]),
+                str(len(group)),
+                f"{number(fit)} s{minutes}",
+                f"{number([float(r['test_seconds']) for r in group])} s",
+                f"{first['cpu']}, {first['cores']} cores, {first['device']}; {when}",
+                f"`{Path(path).name}`",
+            ]
+        )
+    header = ["config", "test accuracy", "seeds", "fit", "test", "machine; date", "results file"]
+    return "\n".join(_table(header, lines, "lrrrrll"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "results", type=Path, nargs="+", help="A results CSV (docs/results/*.csv), or several of one layout: one table."
+        "results", type=Path, nargs="*", help="A results CSV (docs/results/*.csv), or several of one layout: one table."
     )
     parser.add_argument(
         "--pair",
@@ -720,11 +811,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Compare two configs of a zoo file: a name, then its overrides if the row has any "
         "('a.yaml --trainer.precision=bf16-mixed').",
     )
+    parser.add_argument(
+        "--headline",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("FILE", "NAME"),
+        help="Instead of whole files: one summary row of the run NAME of FILE (a zoo or time-to-accuracy file), "
+        "repeated for more rows.",
+    )
     args = parser.parse_args(argv)
-    missing = [str(path) for path in args.results if not path.is_file()]
+    if bool(args.results) == bool(args.headline):
+        parser.error("give results files, or --headline FILE NAME rows, not both")
+    if args.headline and args.pair:
+        parser.error("--pair is for whole zoo files, not --headline rows")
+    missing = [str(path) for path in [*args.results, *(Path(f) for f, _ in args.headline)] if not path.is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:
+        if args.headline:
+            print(headline_table([(Path(f), name) for f, name in args.headline]))
+            return
         print(render(args.results, [tuple(p) for p in args.pair]))
     except ValueError as err:
         parser.exit(1, f"results_tables.py: error: {err}\n")

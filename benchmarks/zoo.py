@@ -15,7 +15,9 @@ machine) to a results file in ``results_tables.ZOO``'s layout, skipping runs it 
 for out-of-distribution inputs (``fmnist_lightning.robustness``, the offline OOD sets), and
 ``--robustness-csv`` appends a row per run in ``results_tables.ZOO_ROBUSTNESS``'s layout: those figures
 and the mCE and relative mCE against ``--mce-reference``'s run of the same seed (Hendrycks and
-Dietterich's corruption error, with that config as the reference model).
+Dietterich's corruption error, with that config as the reference model); ``--corruptions-csv`` a row
+per run, corruption and severity (``results_tables.ZOO_CORRUPTIONS``). Both skip the runs they hold,
+so the same command with a file added fills it from the finished study without training again.
 
 Usage:
     python benchmarks/zoo.py --configs configs/*.yaml --seeds 1 2 3 --csv docs/results/zoo.csv
@@ -24,16 +26,18 @@ Usage:
     python benchmarks/zoo.py --configs configs/tinyvgg_wide_study002.yaml --seeds 1 --max-epochs 3 \\
         --csv docs/results/zoo.csv          # shortened: the table marks the row with its overrides
     python benchmarks/zoo.py --configs configs/linear.yaml configs/fast.yaml --seeds 1 2 3 --robustness \
-        --robustness-csv docs/results/zoo_robustness.csv --mce-reference configs/linear.yaml
+        --robustness-csv docs/results/zoo_robustness.csv --mce-reference configs/linear.yaml \
+        --corruptions-csv docs/results/zoo_corruptions.csv
 """
 
 import argparse
+import csv
 import math
 import sys
 from pathlib import Path
 
 import results_tables
-from results_tables import ZOO, ZOO_ROBUSTNESS, ZOO_ROBUSTNESS_FIGURES
+from results_tables import MACHINE_COLUMNS, ZOO, ZOO_CORRUPTIONS, ZOO_ROBUSTNESS, ZOO_ROBUSTNESS_FIGURES
 
 from fmnist_lightning.errors import FashionMNISTError
 from fmnist_lightning.robustness import corruption_errors, read_corruption_results
@@ -66,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--robustness-csv", type=Path, default=None, help="Append those figures here (--robustness).")
     parser.add_argument(
+        "--corruptions-csv",
+        type=Path,
+        default=None,
+        help="Append each run's accuracy per corruption and severity here (--robustness).",
+    )
+    parser.add_argument(
         "--mce-reference", default=None, help="The config whose runs are the mCE's reference (default: the first)."
     )
     args = parser.parse_args(argv)
@@ -75,12 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("limit_batches", "max_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if (args.robustness_csv or args.mce_reference) and not args.robustness:
-        parser.error("--robustness-csv and --mce-reference need --robustness")
+    if (args.robustness_csv or args.corruptions_csv or args.mce_reference) and not args.robustness:
+        parser.error("--robustness-csv, --corruptions-csv and --mce-reference need --robustness")
     args.mce_reference = args.mce_reference or args.configs[0]
     if args.mce_reference not in args.configs:
         parser.error(f"--mce-reference {args.mce_reference} is not one of --configs")
-    for layout, path in ((ZOO, args.csv), (ZOO_ROBUSTNESS, args.robustness_csv)):
+    files = ((ZOO, args.csv), (ZOO_ROBUSTNESS, args.robustness_csv), (ZOO_CORRUPTIONS, args.corruptions_csv))
+    for layout, path in files:
         try:
             if path is not None:
                 layout.check_appendable(path)
@@ -125,6 +136,19 @@ def main(argv: list[str] | None = None) -> Path:
                 row["mce_reference"] = Path(args.mce_reference).name
                 if (row["config"], row["overrides"], row["seed"]) not in done:
                     ZOO_ROBUSTNESS.append(args.robustness_csv, {**row, **machine})
+    if args.corruptions_csv is not None:
+        # A run's rows carry the machine and date it ran on: its robustness row's, where that file has one.
+        ran_on = {
+            (r["config"], r["overrides"], r["seed"]): {k: r[k] for k in MACHINE_COLUMNS}
+            for r in (ZOO_ROBUSTNESS.read(args.robustness_csv) if args.robustness_csv else [])
+        }
+        done = {(r["config"], r["overrides"], r["seed"]) for r in ZOO_CORRUPTIONS.read(args.corruptions_csv)}
+        for config, records in runs.items():
+            for record in records:
+                key = (config, " ".join(overrides), int(record["seed"]))
+                if key not in done:
+                    for row in corruption_rows(*key, record):
+                        ZOO_CORRUPTIONS.append(args.corruptions_csv, {**row, **ran_on.get(key, machine)})
     if failed:
         sys.exit(f"zoo.py: {failed}")
     return plan.study_dir
@@ -146,6 +170,19 @@ def zoo_row(config: str, overrides: str, record: dict) -> dict:
         "test_seconds": float(record["test_seconds"]),
         "run_dir": record["run_dir"],
     }
+
+
+def corruption_rows(config: str, overrides: str, seed: int, record: dict) -> list[dict]:
+    """A study record's accuracy per corruption and severity (its ``corruptions.csv``), as zoo_corruptions rows."""
+    path = Path(record["robustness_dir"]) / "corruptions.csv"
+    read_corruption_results(path)  # refuses a missing, partial or out-of-range file in one line
+    base = {"config": config, "overrides": overrides, "model": record["model"], "seed": seed}
+    with path.open(newline="") as f:
+        return [
+            {**base, "corruption": r["corruption"], "severity": int(r["severity"]), "images": int(r["images"])}
+            | {"accuracy": float(r["accuracy"])}
+            for r in csv.DictReader(f)
+        ]
 
 
 def robustness_row(config: str, overrides: str, record: dict, reference: dict | None) -> dict:

@@ -5,6 +5,8 @@ A page's source holds markers instead of tables; :func:`expand` replaces each wi
 - ``<!-- results: zoo_tinyvgg.csv --pair "tinyvgg.yaml --trainer.precision=bf16-mixed" "fashioncnn.yaml" -->``:
   the tables ``benchmarks/results_tables.py`` prints for these files of ``docs/results/`` and these
   pairs (the arguments are the script's own, read with shell quoting), through its ``render``;
+- ``<!-- results: --headline zoo_airbench.csv airbench_wide.yaml --headline time_to_accuracy_fast.csv fast -->``:
+  one summary row per named run, from any of those files (the script's ``--headline``);
 - ``<!-- include: results/studies/study004_grid.md -->``: a markdown file of ``docs/`` as it is,
   its headings moved two levels down (``shift=3`` after the file: three) to sit under the page's own.
 
@@ -48,33 +50,44 @@ def _results_tables() -> ModuleType:
     return module
 
 
-def parse_results(arguments: str) -> tuple[list[Path], list[tuple[str, str]]]:
-    """A results marker's files (under ``docs/results/``) and ``--pair A B`` pairs, as the script takes them."""
+def parse_results(arguments: str) -> tuple[list[Path], list[tuple[str, str]], list[tuple[Path, str]]]:
+    """A results marker's files (``docs/results/``), ``--pair A B`` and ``--headline FILE NAME``, as the script's."""
     words = shlex.split(arguments)
     paths: list[Path] = []
     pairs: list[tuple[str, str]] = []
+    headlines: list[tuple[Path, str]] = []
     while words:
         word = words.pop(0)
-        if word == "--pair":
-            if len(words) < 2 or words[0] == "--pair" or words[1] == "--pair":
-                raise MarkerError(f"--pair takes two names: {arguments.strip()!r}")
-            pairs.append((words.pop(0), words.pop(0)))
+        if word in ("--pair", "--headline"):
+            if len(words) < 2 or words[0].startswith("--") or words[1].startswith("--"):
+                raise MarkerError(f"{word} takes two arguments: {arguments.strip()!r}")
+            first, second = words.pop(0), words.pop(0)
+            if word == "--pair":
+                pairs.append((first, second))
+            else:
+                headlines.append((RESULTS / first, second))
         elif word.startswith("-"):
             raise MarkerError(f"unknown option {word!r} in results marker {arguments.strip()!r}")
         else:
             paths.append(RESULTS / word)
-    if not paths:
+    if not paths and not headlines:
         raise MarkerError(f"results marker without a file: {arguments.strip()!r}")
-    missing = [str(p.relative_to(ROOT)) for p in paths if not p.is_file()]
+    if paths and headlines:
+        raise MarkerError(f"results marker with both files and --headline rows: {arguments.strip()!r}")
+    missing = [str(p.relative_to(ROOT)) for p in [*paths, *(f for f, _ in headlines)] if not p.is_file()]
     if missing:
         raise MarkerError(f"results marker names missing files: {', '.join(missing)}")
-    return paths, pairs
+    return paths, pairs, headlines
 
 
 def render_results(arguments: str) -> str:
     """The markdown ``results_tables.py`` prints for a results marker's arguments."""
-    paths, pairs = parse_results(arguments)
+    paths, pairs, headlines = parse_results(arguments)
     try:
+        if headlines:
+            if pairs:
+                raise ValueError("--pair is for whole zoo files, not --headline rows")
+            return _results_tables().headline_table(headlines)
         return _results_tables().render(paths, pairs)
     except ValueError as err:
         raise MarkerError(f"results_tables.py refused {arguments.strip()!r}: {err}") from err

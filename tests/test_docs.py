@@ -47,8 +47,12 @@ def table_commands() -> list[list[str]]:
     return [shlex.split(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
 
 
-def as_table(paths, pairs) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    return tuple(Path(p).name for p in paths), tuple(tuple(p) for p in pairs)
+def as_table(paths, pairs, headlines=()) -> tuple:
+    return (
+        tuple(Path(p).name for p in paths),
+        tuple(tuple(p) for p in pairs),
+        tuple((Path(f).name, name) for f, name in headlines),
+    )
 
 
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(DOCS)))
@@ -61,7 +65,9 @@ def test_every_marker_of_a_page_renders(page):
         if "results:" in marker:
             rendered = hooks.render_results(marker.split("results:", 1)[1].removesuffix("-->"))
             assert rendered.startswith("| ")
-            assert "Machine: " in rendered  # every results table names its machine and date
+            # every results table names its machine and date: below it, or in a column of each row
+            header = [title.strip() for title in rendered.splitlines()[0].split("|")]
+            assert "Machine: " in rendered or "machine; date" in header
 
 
 def test_a_bad_marker_fails_the_build():
@@ -86,13 +92,38 @@ def test_every_table_of_the_results_readme_is_rendered_on_the_site():
     commands = table_commands()
     assert commands
     for argv in commands:
-        pairs = []
+        pairs, headlines, paths = [], [], []
         words = iter(argv)
         for word in words:
             if word == "--pair":
                 pairs.append((next(words), next(words)))
-        paths = [word for word in argv if word.startswith("docs/results/")]
-        assert as_table(paths, pairs) in on_site, f"no results marker on the site for {argv}"
+            elif word == "--headline":
+                headlines.append((next(words), next(words)))
+            elif word.startswith("docs/results/"):
+                paths.append(word)
+        assert as_table(paths, pairs, headlines) in on_site, f"no results marker on the site for {argv}"
+
+
+def test_a_headline_row_is_the_named_runs_mean_over_their_seeds():
+    hooks = load_hooks()
+    rendered = hooks.render_results(
+        " --headline zoo_airbench.csv airbench_wide.yaml"
+        ' --headline zoo_tinyvgg.csv "tinyvgg.yaml --trainer.precision=bf16-mixed"'
+        " --headline time_to_accuracy_fast.csv fast"
+    )
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in rendered.splitlines()[2:]]
+    bf16 = "`tinyvgg.yaml` (`--trainer.precision=bf16-mixed`)"
+    assert [r[0] for r in rows] == ["`airbench_wide.yaml`", bf16, "`fast.yaml`"]
+    assert [r[1:3] for r in rows] == [["95.03 ± 0.13%", "3"], ["94.37 ± 0.08%", "3"], ["93.63 ± 0.10%", "3"]]
+    assert rows[0][3] == "1723 ± 51 s (28.7 min)"
+    assert rows[0][5].endswith("2026-12-02")
+    assert rows[2][6] == "`time_to_accuracy_fast.csv`"
+    with pytest.raises(hooks.MarkerError, match=r"has no full-length run 'tinyvgg\.yaml'"):
+        hooks.render_results(" --headline zoo_tinyvgg.csv tinyvgg.yaml")  # its rows are bf16: name the override
+    with pytest.raises(hooks.MarkerError, match="zoo or time_to_accuracy"):
+        hooks.render_results(" --headline epoch_speed.csv TinyVGG")
+    with pytest.raises(hooks.MarkerError, match="both files and --headline"):
+        hooks.render_results(" zoo_small.csv --headline zoo_airbench.csv airbench_wide.yaml")
 
 
 def test_compare_example_is_what_the_table_writer_makes_of_its_csv_files():

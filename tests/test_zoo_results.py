@@ -1,5 +1,6 @@
 """benchmarks/zoo.py at tiny size (a study of configs x seeds), resuming, and the zoo table made from its CSV."""
 
+import csv
 import importlib
 import subprocess
 import sys
@@ -86,6 +87,32 @@ def test_one_config_one_seed_then_nothing_more(tmp_path, data_dir, tables):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in logs.rglob("*.ckpt")} == checkpoints
     assert len(tables.ZOO.read(csv)) == 1
+
+
+@pytest.mark.slow
+def test_a_finished_robustness_zoo_fills_a_corruptions_file_added_later_without_training(tmp_path, data_dir, tables):
+    pytest.importorskip("sklearn")  # the digits OOD set (the robustness extra)
+    robust, corruptions, logs = tmp_path / "robust.csv", tmp_path / "corruptions.csv", tmp_path / "logs"
+    args = ["--configs", "configs/linear.yaml", "--seeds", "1", "--limit-batches", "2", "--max-epochs", "1"]
+    args += ["--log-dir", str(logs), "--data-dir", str(data_dir), "--robustness", "--robustness-csv", str(robust)]
+    done = run(SCRIPT, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = tables.ZOO_ROBUSTNESS.read(robust)
+    checkpoints = {p: p.stat().st_mtime_ns for p in logs.rglob("*.ckpt")}
+    again = run(SCRIPT, *args, "--corruptions-csv", str(corruptions))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in logs.rglob("*.ckpt")} == checkpoints  # nothing trained again
+    rows = tables.ZOO_CORRUPTIONS.read(corruptions)
+    with (Path(row["report_dir"]) / "corruptions.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert [(r["corruption"], r["severity"], r["accuracy"]) for r in rows] == [
+        (w["corruption"], int(w["severity"]), pytest.approx(float(w["accuracy"]))) for w in written
+    ]
+    assert len(rows) == 1 + 12 * 5
+    assert {(r["config"], r["seed"], r["overrides"]) for r in rows} == {(row["config"], 1, row["overrides"])}
+    assert {(r["cpu"], r["date"]) for r in rows} == {(row["cpu"], row["date"])}  # the run's machine
+    assert run(SCRIPT, *args, "--corruptions-csv", str(corruptions)).returncode == 0
+    assert len(tables.ZOO_CORRUPTIONS.read(corruptions)) == len(rows)  # a run's rows are written once
 
 
 def test_refuses_a_results_file_of_another_layout(tmp_path, monkeypatch, capsys):
@@ -248,3 +275,29 @@ def test_zoo_robustness_table_ranks_by_corruption_accuracy_with_paired_tests(tmp
     assert linear.endswith(f"| {tables.p_value(paired_ttest([0.61, 0.62, 0.63], [0.5] * 3).p_value)} "
                            f"({tables.p_value(paired_ttest([0.61, 0.62, 0.63], [0.5] * 3).p_value)}) |")  # fmt: skip
     assert any("against `linear.yaml` of the same seed" in ln for ln in lines)
+
+
+def test_corruption_rows_are_a_runs_file_and_the_table_averages_severities_and_seeds(tmp_path, monkeypatch, tables):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    zoo = importlib.import_module("zoo")
+    csv = tmp_path / "zoo_corruptions.csv"
+    machine = {"cpu": "Test CPU", "cores": 2, "torch": "2.4.1", "device": "cpu", "date": "2026-01-02"}
+    for seed, shift in ((1, 0.0), (2, 0.1)):
+        for config, model, base in (("linear.yaml", "LinearClassifier", 0.5), ("mlp.yaml", "MLP", 0.7)):
+            accuracy = {("clean", 0): 0.9, ("gaussian_noise", 1): base + shift, ("gaussian_noise", 2): base - 0.2}
+            accuracy |= {("rotation", 1): 0.4, ("rotation", 2): 0.2}
+            folder = _corruptions(tmp_path / f"{model}{seed}", model, accuracy)
+            rows = zoo.corruption_rows(f"configs/{config}", "", seed, {"model": model, "robustness_dir": str(folder)})
+            assert [(r["corruption"], r["severity"], r["images"]) for r in rows][:2] == [
+                ("clean", 0, 10000),
+                ("gaussian_noise", 1, 2000),
+            ]
+            for row in rows:
+                tables.ZOO_CORRUPTIONS.append(csv, {**row, **machine})
+    assert tables.layout_of(csv) is tables.ZOO_CORRUPTIONS
+    lines = [compact(ln) for ln in tables.render(csv).splitlines()]
+    assert lines[0] == "| corruption | linear.yaml | mlp.yaml |"
+    # noise: linear (0.5 + 0.3 + 0.6 + 0.3) / 4 = 42.5%, MLP (0.7 + 0.5 + 0.8 + 0.5) / 4 = 62.5%; clean rows left out
+    assert lines[2:4] == ["| gaussian noise | 42.5 | 62.5 |", "| rotation | 30.0 | 30.0 |"]
+    assert "Mean over severities 1-2 and seeds 1, 2." in lines
+    assert lines[-1] == "Machine: Test CPU, 2 cores, torch 2.4.1, cpu; measured 2026-01-02."
