@@ -782,6 +782,7 @@ def headline_table(selection: Sequence[tuple[str | Path, str]]) -> str:
         first = group[0]
         dates = sorted({str(r["date"]) for r in group})
         when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        device = "" if first["device"] == "cpu" else f", {first['device']}"
         lines.append(
             [
                 _config_label(str(first.get("config") or first["source"]), str(first["overrides"])),
@@ -789,12 +790,11 @@ def headline_table(selection: Sequence[tuple[str | Path, str]]) -> str:
                 str(len(group)),
                 f"{number(fit)} s{minutes}",
                 f"{number([float(r['test_seconds']) for r in group])} s",
-                f"{first['cpu']}, {first['cores']} cores, {first['device']}; {when}",
-                f"`{Path(path).name}`",
+                f"{first['cpu']}, {first['cores']} cores{device}; {when}",
             ]
         )
-    header = ["config", "test accuracy", "seeds", "fit", "test", "machine; date", "results file"]
-    return "\n".join(_table(header, lines, "lrrrrll"))
+    header = ["config", "test accuracy", "seeds", "fit", "test", "machine; date"]
+    return "\n".join(_table(header, lines, "lrrrrl"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

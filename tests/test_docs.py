@@ -117,7 +117,7 @@ def test_a_headline_row_is_the_named_runs_mean_over_their_seeds():
     assert [r[1:3] for r in rows] == [["95.03 ± 0.13%", "3"], ["94.37 ± 0.08%", "3"], ["93.63 ± 0.10%", "3"]]
     assert rows[0][3] == "1723 ± 51 s (28.7 min)"
     assert rows[0][5].endswith("2026-12-02")
-    assert rows[2][6] == "`time_to_accuracy_fast.csv`"
+    assert rows[2][5] == "Intel(R) Xeon(R) Processor, 2 cores; 2026-12-01"
     with pytest.raises(hooks.MarkerError, match=r"has no full-length run 'tinyvgg\.yaml'"):
         hooks.render_results(" --headline zoo_tinyvgg.csv tinyvgg.yaml")  # its rows are bf16: name the override
     with pytest.raises(hooks.MarkerError, match="zoo or time_to_accuracy"):
