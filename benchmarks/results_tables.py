@@ -84,12 +84,17 @@ class Layout:
         Raises:
             ValueError: If the row lacks a column or has one too many, or the file has another header.
         """
-        if set(row) != set(self.columns):
-            missing, extra = sorted(set(self.columns) - set(row)), sorted(set(row) - set(self.columns))
-            raise ValueError(f"a {self.name} row needs exactly its columns (missing {missing}, unexpected {extra})")
+        self.extend(path, [row])
+
+    def extend(self, path: str | Path, rows: Sequence[Mapping[str, object]]) -> None:
+        """Append several rows in one replacement of the file (:meth:`append`'s checks, for each row)."""
+        for row in rows:
+            if set(row) != set(self.columns):
+                missing, extra = sorted(set(self.columns) - set(row)), sorted(set(row) - set(self.columns))
+                raise ValueError(f"a {self.name} row needs exactly its columns (missing {missing}, unexpected {extra})")
         path = Path(path)
         old = self._frame(path) if path.is_file() and path.stat().st_size else pd.DataFrame(columns=list(self.columns))
-        frame = pd.concat([old, pd.DataFrame([row], columns=list(self.columns))], ignore_index=True)
+        frame = pd.concat([old, pd.DataFrame(list(rows), columns=list(self.columns))], ignore_index=True)
         with atomic_write(path, newline="") as f:
             frame.to_csv(f, index=False, float_format="%.6g")
 
@@ -822,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if bool(args.results) == bool(args.headline):
-        parser.error("give results files, or --headline FILE NAME rows, not both")
+        parser.error("give results files or --headline FILE NAME rows: one of the two")
     if args.headline and args.pair:
         parser.error("--pair is for whole zoo files, not --headline rows")
     missing = [str(path) for path in [*args.results, *(Path(f) for f, _ in args.headline)] if not path.is_file()]

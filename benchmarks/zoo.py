@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
         for config, records in runs.items():
             for record in records:
                 key = (config, " ".join(overrides), int(record["seed"]))
-                if key not in done:
-                    for row in corruption_rows(*key, record):
-                        ZOO_CORRUPTIONS.append(args.corruptions_csv, {**row, **ran_on.get(key, machine)})
+                if key not in done:  # a run's 61 rows in one write of the file, not 61
+                    rows = [{**row, **ran_on.get(key, machine)} for row in corruption_rows(*key, record)]
+                    ZOO_CORRUPTIONS.extend(args.corruptions_csv, rows)
     if failed:
         sys.exit(f"zoo.py: {failed}")
     return plan.study_dir
